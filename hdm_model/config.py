@@ -1,0 +1,136 @@
+"""The HDM architecture as one JSON-able settings object.
+
+Defaults are the paper's HDM (ACM MM 2022, section 3 and Table 5): 64 channels, three
+channel-spatial groups of seven residual blocks (the paper's 2.32M parameters fit K=7; the
+released code uses K=9), a deformable block and a DCP-guided region block applied
+S, R, S, R with shared weights, five regions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["HDMConfig", "CASCADE_ORDERS", "MASK_SOURCES", "DCP_MASK_MODES"]
+
+CASCADE_ORDERS = ("PSR", "PRS", "SRP", "SPR", "RPS", "RSP")
+MASK_SOURCES = ("dcp", "learned", "external")
+DCP_MASK_MODES = ("transmission", "dark_channel")
+
+MaskSource = Literal["dcp", "learned", "external"]
+DCPMaskMode = Literal["transmission", "dark_channel"]
+CascadeOrder = Literal["PSR", "PRS", "SRP", "SPR", "RPS", "RSP"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HDMConfig:
+    """Every knob of the HDM network; ``HDMConfig()`` is the paper's model.
+
+    ``use_attention`` switches the channel-spatial level P (the "FA" of Table 5, the groups
+    of attention residual blocks), ``use_structure`` the structure level S (deformable conv)
+    and ``use_region`` the region level R. ``order`` is the cascade order of Table 4.
+    The ``dcp_*`` fields are the dark-channel-prior mask settings of the released code:
+    priors computed on the input downscaled x4 to the feature grid, a
+    ``dcp_patch_size`` min filter, airlight from the brightest ``dcp_top_fraction``,
+    ``t = 1 - dcp_omega * dark(I / A)`` refined by a guided filter of radius
+    ``dcp_guided_radius`` (pixels at 1/4 scale) and ``dcp_guided_eps``.
+    """
+
+    in_channels: int = 3
+    channels: int = 64
+    num_groups: int = 3
+    blocks_per_group: int = 7
+    use_attention: bool = True
+    use_structure: bool = True
+    use_region: bool = True
+    mask_source: MaskSource = "dcp"
+    dcp_mask_mode: DCPMaskMode = "transmission"
+    num_regions: int = 5
+    sr_repeats: int = 2
+    share_sr_weights: bool = True
+    order: CascadeOrder = "PSR"
+    normalize_input: bool = True
+    input_mean: tuple[float, ...] = (0.64, 0.6, 0.58)
+    input_std: tuple[float, ...] = (0.14, 0.15, 0.152)
+    dcp_patch_size: int = 15
+    dcp_omega: float = 0.95
+    dcp_top_fraction: float = 0.001
+    dcp_guided_radius: int = 60
+    dcp_guided_eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        # JSON round trips give lists; keep the frozen dataclass hashable and comparable.
+        object.__setattr__(self, "input_mean", tuple(float(v) for v in self.input_mean))
+        object.__setattr__(self, "input_std", tuple(float(v) for v in self.input_std))
+        self._validate()
+
+    def _validate(self) -> None:
+        _require_int("in_channels", self.in_channels, minimum=1)
+        _require_int("channels", self.channels, minimum=8)
+        if self.channels % 8:
+            # The attention layers squeeze to channels // 8 (FFA-Net's ratio).
+            raise ValueError(f"channels must be a multiple of 8, got {self.channels}")
+        _require_int("num_groups", self.num_groups, minimum=1)
+        _require_int("blocks_per_group", self.blocks_per_group, minimum=1)
+        _require_int("num_regions", self.num_regions, minimum=2)
+        _require_int("sr_repeats", self.sr_repeats, minimum=1)
+        _require_int("dcp_patch_size", self.dcp_patch_size, minimum=1)
+        _require_int("dcp_guided_radius", self.dcp_guided_radius, minimum=0)
+        for name in ("use_attention", "use_structure", "use_region", "share_sr_weights",
+                     "normalize_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _require_choice("mask_source", self.mask_source, MASK_SOURCES)
+        _require_choice("dcp_mask_mode", self.dcp_mask_mode, DCP_MASK_MODES)
+        _require_choice("order", self.order, CASCADE_ORDERS)
+        for name in ("input_mean", "input_std"):
+            if len(getattr(self, name)) != self.in_channels:
+                raise ValueError(
+                    f"{name} needs one value per input channel ({self.in_channels}), "
+                    f"got {getattr(self, name)}"
+                )
+        if any(v <= 0 for v in self.input_std):
+            raise ValueError(f"input_std must be positive, got {self.input_std}")
+        if not 0.0 < self.dcp_omega <= 1.0:
+            raise ValueError(f"dcp_omega must be in (0, 1], got {self.dcp_omega}")
+        if not 0.0 < self.dcp_top_fraction <= 1.0:
+            raise ValueError(f"dcp_top_fraction must be in (0, 1], got {self.dcp_top_fraction}")
+        if self.dcp_guided_eps <= 0:
+            raise ValueError(f"dcp_guided_eps must be positive, got {self.dcp_guided_eps}")
+        if self.use_region and self.mask_source == "dcp" and self.in_channels != 3:
+            raise ValueError(
+                f"mask_source 'dcp' needs RGB input (in_channels=3), got in_channels={self.in_channels}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HDMConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        unknown = sorted(set(data) - field_names())
+        if unknown:
+            raise ValueError(f"unknown HDMConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def field_names() -> set[str]:
+    """Names of all :class:`HDMConfig` fields."""
+    return {field.name for field in dataclasses.fields(HDMConfig)}
+
+
+def _require_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _require_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")

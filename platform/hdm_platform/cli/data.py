@@ -1,0 +1,333 @@
+"""``hdm data``: ingest benchmarks, synthesise pairs and inspect datasets.
+
+Usage::
+
+    hdm data ingest --layout sots SRC DEST_URI
+    hdm data ingest --layout paired --task derain --input-dir rainy --target-dir clean \\
+        --pair-pattern '(?P<key>\\d+)_.*' SRC s3://bucket/datasets/mine
+    hdm data ingest --layout unpaired --task dehaze photos/ datasets/real-hazy
+    hdm data synth --task dehaze --count 500 --seed 0 --size 256 builtin datasets/synth-haze
+    hdm data inspect datasets/sots --contact-sheet sots.png
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from hdm_platform.data.ingest import IngestError, ingest
+from hdm_platform.data.layouts import LAYOUTS
+from hdm_platform.data.manifest import SPLITS, TASKS
+from hdm_platform.data.writer import DEFAULT_SHARD_SIZE
+
+__all__ = ["data"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+}
+
+
+class ByteSize(click.ParamType):
+    """A size such as ``256MB``, ``64MiB`` or ``1000000``."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match[2].lower() if match else ""
+        if match is None or unit not in _UNITS or float(match[1]) * _UNITS[unit] < 1:
+            self.fail(f"{value!r} is not a size such as 256MB, 64MiB or 1000000", param, ctx)
+        return int(float(match[1]) * _UNITS[unit])
+
+
+class CropSize(click.ParamType):
+    """``256`` (square), ``320x240`` (width x height) or ``full`` (whole photos)."""
+
+    name = "size"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, int] | None:
+        if value is None or isinstance(value, tuple):
+            return value
+        text = str(value).strip().lower()
+        if text == "full":
+            return None
+        match = re.fullmatch(r"(\d+)(?:x(\d+))?", text)
+        if match is None or int(match[1]) < 1 or (match[2] is not None and int(match[2]) < 1):
+            self.fail(f"{value!r} is not a size such as 256, 320x240 or full", param, ctx)
+        return int(match[1]), int(match[2] or match[1])
+
+
+def _storage_options(
+    config: str | None, endpoint_url: str | None, region: str | None, pairs: tuple[str, ...]
+) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if config is not None:
+        from hdm_platform.config import ConfigError, load_config
+
+        try:
+            options.update(load_config(config).storage.storage_options())
+        except (ConfigError, OSError) as error:
+            raise click.BadParameter(str(error), param_hint="--config") from error
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
+        options[key] = value
+    if endpoint_url:
+        options["endpoint_url"] = endpoint_url
+    if region:
+        options["region"] = region
+    return options
+
+
+def storage_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the options that reach object stores (S3 endpoint, region, anything fsspec takes)."""
+    decorators = [
+        click.option(
+            "--config",
+            type=click.Path(exists=True, dir_okay=False),
+            help="Experiment config whose storage: section (endpoint_url, region) to use.",
+        ),
+        click.option("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)."),
+        click.option("--region", help="S3 region (default: $AWS_DEFAULT_REGION)."),
+        click.option(
+            "--storage-option",
+            "storage_pairs",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Extra fsspec filesystem option; repeatable.",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
+@click.group("data")
+def data() -> None:
+    """Ingest, synthesise and inspect datasets (Parquet shards + manifest.json)."""
+
+
+@data.command("ingest")
+@click.argument("source")
+@click.argument("dest_uri")
+@click.option(
+    "--layout", required=True, type=click.Choice(list(LAYOUTS)), help="The benchmark's file naming."
+)
+@click.option(
+    "--task", type=click.Choice(TASKS), help="Default from the layout; required for paired/unpaired."
+)
+@click.option("--split", type=click.Choice(SPLITS), help="Split for pairs whose layout/folders name none.")
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Fraction of training pairs moved to val (deterministic, by hash).",
+)
+@click.option(
+    "--pair-pattern", help="paired layout: regex with a (?P<key>...) group matched to target stems."
+)
+@click.option("--input-dir", default="input", show_default=True, help="paired layout: folder of inputs.")
+@click.option("--target-dir", default="target", show_default=True, help="paired layout: folder of targets.")
+@click.option(
+    "--did-input-half",
+    type=click.Choice(["left", "right"]),
+    default="right",
+    show_default=True,
+    help="did layout: which half of each image is the rainy input.",
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["raise", "skip"]),
+    default="raise",
+    show_default=True,
+    help="Stop at bad pairs, or skip them and list them in the manifest.",
+)
+@click.option(
+    "--shard-size",
+    type=ByteSize(),
+    default=DEFAULT_SHARD_SIZE,
+    show_default="256MiB",
+    help="Encoded image bytes per Parquet shard, e.g. 64MiB.",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--name", help="Dataset name (default: last part of DEST_URI).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@storage_options
+def ingest_command(
+    source: str,
+    dest_uri: str,
+    layout: str,
+    task: str | None,
+    split: str | None,
+    val_fraction: float,
+    pair_pattern: str | None,
+    input_dir: str,
+    target_dir: str,
+    did_input_half: str,
+    on_error: str,
+    shard_size: int,
+    workers: int,
+    name: str | None,
+    no_progress: bool,
+    config: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    storage_pairs: tuple[str, ...],
+) -> None:
+    """Ingest the paired benchmark at SOURCE into a dataset at DEST_URI (any fsspec URI)."""
+    options = _storage_options(config, endpoint_url, region, storage_pairs)
+    try:
+        result = ingest(
+            source,
+            dest_uri,
+            layout=layout,
+            task=task,
+            split=split,  # type: ignore[arg-type]
+            val_fraction=val_fraction,
+            pair_pattern=pair_pattern,
+            input_dir=input_dir,
+            target_dir=target_dir,
+            input_half=did_input_half,  # type: ignore[arg-type]
+            on_error=on_error,  # type: ignore[arg-type]
+            shard_size=shard_size,
+            workers=workers,
+            name=name,
+            storage_options=options,
+            progress=not no_progress,
+        )
+    except (IngestError, ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(result.summary())
+    for skipped in result.manifest.skipped if not result.unchanged else []:
+        click.echo(f"skipped {skipped.input or skipped.target}: {skipped.reason}", err=True)
+
+
+@data.command("synth")
+@click.argument("clean_source")
+@click.argument("dest_uri")
+@click.option("--task", required=True, type=click.Choice(TASKS), help="Degradation to render.")
+@click.option("--count", type=click.IntRange(min=1), default=100, show_default=True, help="Pairs to render.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical pairs.")
+@click.option(
+    "--size",
+    type=CropSize(),
+    default="256",
+    show_default=True,
+    help="Random crop: 256, 320x240 (width x height) or full.",
+)
+@click.option(
+    "--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True
+)
+@click.option(
+    "--test-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True
+)
+@click.option(
+    "--shard-size",
+    type=ByteSize(),
+    default=DEFAULT_SHARD_SIZE,
+    show_default="256MiB",
+    help="Encoded image bytes per Parquet shard, e.g. 64MiB.",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--name", help="Dataset name (default: last part of DEST_URI).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@storage_options
+def synth_command(
+    clean_source: str,
+    dest_uri: str,
+    task: str,
+    count: int,
+    seed: int,
+    size: tuple[int, int] | None,
+    val_fraction: float,
+    test_fraction: float,
+    shard_size: int,
+    workers: int,
+    name: str | None,
+    no_progress: bool,
+    config: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    storage_pairs: tuple[str, ...],
+) -> None:
+    """Render degraded/clean pairs from CLEAN_SOURCE (a folder/URI, or 'builtin') into DEST_URI."""
+    from hdm_platform.data.synth import synthesize
+
+    options = _storage_options(config, endpoint_url, region, storage_pairs)
+    try:
+        result = synthesize(
+            clean_source,
+            dest_uri,
+            task=task,
+            count=count,
+            seed=seed,
+            size=size,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            shard_size=shard_size,
+            workers=workers,
+            name=name,
+            storage_options=options,
+            progress=not no_progress,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(result.summary())
+
+
+@data.command("inspect")
+@click.argument("uri")
+@click.option("--contact-sheet", metavar="PNG", help="Write an input | target sheet of a few pairs here.")
+@click.option("--sheet-pairs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option(
+    "--psnr-pairs",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Pairs per split whose input-vs-target PSNR is measured.",
+)
+@storage_options
+def inspect_command(
+    uri: str,
+    contact_sheet: str | None,
+    sheet_pairs: int,
+    psnr_pairs: int,
+    config: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    storage_pairs: tuple[str, ...],
+) -> None:
+    """Print counts, sizes and input-vs-target PSNR of the dataset at URI."""
+    from hdm_platform.data.inspect import inspect_dataset
+
+    options = _storage_options(config, endpoint_url, region, storage_pairs)
+    try:
+        report = inspect_dataset(
+            uri,
+            storage_options=options,
+            psnr_pairs=psnr_pairs,
+            contact_sheet=contact_sheet,
+            sheet_pairs=sheet_pairs,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(report.render())

@@ -1,0 +1,355 @@
+"""``hdm enhance`` (run a checkpoint, or the classic DCP dehazer, over image files) and
+``hdm explain`` (the DCP priors and region masks of one image, as in the paper's Figure 1)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from tqdm import tqdm
+
+from hdm_model.checkpoint import load_checkpoint, read_checkpoint_config
+from hdm_model.config import DCP_MASK_MODES, HDMConfig
+from hdm_model.hdm import FEATURE_STRIDE
+from hdm_model.inference import DEFAULT_TILE, enhance as enhance_images, prepare_for_inference
+from hdm_model.masks import compute_dcp_maps
+from hdm_model.priors import dehaze
+from hdm_platform.imageio import IMAGE_SUFFIXES, ImageError, read_image, write_image
+
+__all__ = [
+    "DCP_CHECKPOINT",
+    "LABEL_HEIGHT",
+    "MARGIN",
+    "PANEL_LONG_SIDE",
+    "UNTILED_MAX_PIXELS",
+    "collect_inputs",
+    "enhance",
+    "explain",
+    "explain_figure",
+]
+
+#: ``--checkpoint dcp`` runs ``hdm_model.priors.dehaze``, the paper's non-learned baseline.
+DCP_CHECKPOINT = "dcp"
+#: Without ``--tile``, images up to this many pixels run whole; larger ones in tiles.
+UNTILED_MAX_PIXELS = 1024 * 1024
+
+#: ``hdm explain`` figure layout: panels scaled to this long side, a label strip above
+#: each, and a margin around and between panels.
+PANEL_LONG_SIDE = 256
+LABEL_HEIGHT = 16
+MARGIN = 4
+
+_OUTPUT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+_OUTSIDE_REGION_BRIGHTNESS = 0.2
+
+
+def collect_inputs(inputs: tuple[Path, ...]) -> list[Path]:
+    """Files as given; folders expanded to their image files (by suffix), sorted, not recursive."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files.extend(
+                sorted(
+                    child
+                    for child in path.iterdir()
+                    if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    return torch.device(device)
+
+
+def _check_multiple_of_stride(_: click.Context, __: click.Parameter, size: int | None) -> int | None:
+    if size is not None and size % FEATURE_STRIDE:
+        raise click.BadParameter(f"must be a multiple of {FEATURE_STRIDE}, got {size}")
+    return size
+
+
+def _build_enhancer(
+    checkpoint: str, *, device: torch.device, precision: str, tile: int | None, tile_overlap: int
+) -> Callable[[Tensor], Tensor]:
+    """A function from a ``[1, 3, H, W]`` batch to its enhanced batch."""
+    if checkpoint == DCP_CHECKPOINT:
+        return lambda batch: dehaze(batch.to(device))
+    try:
+        model = prepare_for_inference(load_checkpoint(checkpoint, device=device), device=device)
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"cannot load checkpoint {checkpoint}: {error}") from error
+
+    def run(batch: Tensor) -> Tensor:
+        pixels = batch.shape[-2] * batch.shape[-1]
+        if tile is None:
+            tile_size = DEFAULT_TILE if pixels > UNTILED_MAX_PIXELS else None
+        else:
+            tile_size = tile or None  # --tile 0: never tile
+        return enhance_images(
+            model, batch, precision=precision, tile=tile_size, tile_overlap=tile_overlap
+        )
+
+    return run
+
+
+def _output_path(source: Path, output_dir: Path, output_format: str) -> Path:
+    return output_dir / f"{source.stem}{_OUTPUT_SUFFIXES[output_format]}"
+
+
+@click.command()
+@click.argument(
+    "inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
+)
+@click.option(
+    "-o",
+    "--output",
+    "output_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the results (created if missing); one file per input, same stem.",
+)
+@click.option(
+    "--checkpoint",
+    required=True,
+    help="Checkpoint directory (model.safetensors + config.json), or 'dcp' for the "
+    "classic dark-channel-prior dehazer.",
+)
+@click.option(
+    "--tile",
+    type=click.IntRange(min=0),
+    callback=_check_multiple_of_stride,
+    help=f"Tile side (multiple of 4) to bound memory; 0 never tiles. Default: whole images "
+    f"up to {UNTILED_MAX_PIXELS} pixels, {DEFAULT_TILE}-pixel tiles above. Ignored by 'dcp'.",
+)
+@click.option(
+    "--tile-overlap",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    callback=_check_multiple_of_stride,
+    help="Pixels shared by neighbouring tiles, blended to hide seams (multiple of 4).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="bf16 autocast (faster on recent CPUs and GPUs). Ignored by 'dcp'.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    help="Default: cuda when available, else cpu.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(sorted(_OUTPUT_SUFFIXES)),
+    default="png",
+    show_default=True,
+)
+def enhance(
+    inputs: tuple[Path, ...],
+    output_dir: Path,
+    checkpoint: str,
+    tile: int | None,
+    tile_overlap: int,
+    precision: str,
+    device: str | None,
+    output_format: str,
+) -> None:
+    """Enhance image files, or the images in folders, with a trained HDM checkpoint.
+
+    A file that cannot be read or enhanced is reported and skipped; the exit status is 1
+    when any file failed.
+    """
+    if tile and tile <= tile_overlap:
+        raise click.BadParameter(
+            f"--tile {tile} must exceed --tile-overlap {tile_overlap}", param_hint="--tile"
+        )
+    files = collect_inputs(inputs)
+    if not files:
+        raise click.UsageError("no image files found in the given inputs")
+    run = _build_enhancer(
+        checkpoint,
+        device=_resolve_device(device),
+        precision=precision,
+        tile=tile,
+        tile_overlap=tile_overlap,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    claimed: dict[Path, Path] = {}
+    failures: list[tuple[Path, str]] = []
+    started = time.perf_counter()
+    for source in tqdm(files, desc="enhance", unit="image", file=sys.stderr):
+        target = _output_path(source, output_dir, output_format)
+        try:
+            if target.resolve() == source.resolve():
+                raise ValueError(f"the output {target} would overwrite the input")
+            if target in claimed:
+                raise ValueError(f"the output {target} is already written for {claimed[target]}")
+            image = read_image(source)
+            result = run(image.unsqueeze(0))[0]
+            write_image(result, target, format=output_format)
+            claimed[target] = source
+        # ImageError is a ValueError; RuntimeError covers device failures such as running
+        # out of memory; none of them should stop the rest of the batch.
+        except (ValueError, RuntimeError, OSError) as error:
+            failures.append((source, str(error)))
+            tqdm.write(f"FAILED {source}: {error}", file=sys.stderr)
+    elapsed = time.perf_counter() - started
+    done = len(files) - len(failures)
+    click.echo(f"enhanced {done} of {len(files)} images into {output_dir} in {elapsed:.1f} s")
+    if failures:
+        click.echo(f"{len(failures)} failed:", err=True)
+        for source, reason in failures:
+            click.echo(f"  {source}: {reason}", err=True)
+        click.get_current_context().exit(1)
+
+
+def _panel_size(height: int, width: int) -> tuple[int, int]:
+    scale = PANEL_LONG_SIDE / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize(image: Tensor, size: tuple[int, int], *, mode: str) -> Tensor:
+    """``[C, h, w]`` -> ``[C, *size]``; 'nearest' keeps mask edges hard."""
+    batch = image.unsqueeze(0).float()
+    if mode == "nearest":
+        return F.interpolate(batch, size=size, mode="nearest")[0]
+    return F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _region_label(index: int, num_regions: int) -> str:
+    if index == 0:
+        return "region 1 (clearest)"
+    if index == num_regions - 1:
+        return f"region {num_regions} (haziest)"
+    return f"region {index + 1}"
+
+
+def explain_figure(image: Tensor, config: HDMConfig) -> Image.Image:
+    """Input, dark channel, refined transmission and the N region masks, side by side.
+
+    ``image`` is ``[3, H, W]`` in [0, 1]; the priors use ``config``'s DCP settings at the
+    feature scale (1/4), the way HDM computes its masks. Each region panel shows the input
+    where the region is and darkens it elsewhere.
+    """
+    maps = compute_dcp_maps(
+        image.unsqueeze(0),
+        num_regions=config.num_regions,
+        mode=config.dcp_mask_mode,
+        scale=FEATURE_STRIDE,
+        patch_size=config.dcp_patch_size,
+        omega=config.dcp_omega,
+        top_fraction=config.dcp_top_fraction,
+        guided_radius=config.dcp_guided_radius,
+        guided_eps=config.dcp_guided_eps,
+    )
+    size = _panel_size(*image.shape[-2:])
+    small_input = _resize(image, size, mode="bilinear").clamp(0.0, 1.0)
+    panels = [
+        ("input", small_input),
+        ("dark channel", _resize(maps.dark_channel[0], size, mode="bilinear").expand(3, -1, -1)),
+        ("transmission", _resize(maps.transmission[0], size, mode="bilinear").expand(3, -1, -1)),
+    ]
+    for index in range(config.num_regions):
+        inside = _resize(maps.masks[0, index], size, mode="nearest")
+        shade = inside + (1.0 - inside) * _OUTSIDE_REGION_BRIGHTNESS
+        panels.append((_region_label(index, config.num_regions), small_input * shade))
+
+    panel_height, panel_width = size
+    canvas = Image.new(
+        "RGB",
+        (
+            len(panels) * (panel_width + MARGIN) + MARGIN,
+            LABEL_HEIGHT + panel_height + 2 * MARGIN,
+        ),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for position, (label, pixels) in enumerate(panels):
+        left = MARGIN + position * (panel_width + MARGIN)
+        draw.text((left, MARGIN), label, fill="black", font=font)
+        canvas.paste(to_pil_image(pixels.clamp(0.0, 1.0)), (left, MARGIN + LABEL_HEIGHT))
+    return canvas
+
+
+def _explain_config(
+    checkpoint: Path | None, num_regions: int | None, mask_mode: str | None
+) -> HDMConfig:
+    if checkpoint is None:
+        overrides = {"num_regions": num_regions, "dcp_mask_mode": mask_mode}
+        return HDMConfig(**{key: value for key, value in overrides.items() if value is not None})
+    for option, value in (("--num-regions", num_regions), ("--mask-mode", mask_mode)):
+        if value is not None:
+            raise click.UsageError(f"{option} comes from the checkpoint; do not pass both")
+    try:
+        config, _ = read_checkpoint_config(checkpoint)
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"cannot read checkpoint {checkpoint}: {error}") from error
+    if config.mask_source != "dcp":
+        raise click.ClickException(
+            f"checkpoint {checkpoint} uses mask_source={config.mask_source!r}; "
+            "'hdm explain' shows dark-channel-prior masks"
+        )
+    return config
+
+
+@click.command()
+@click.argument("image_path", metavar="IMAGE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Figure file (.png; .jpg and .webp also work).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Take the number of regions, the mask mode and the DCP settings from this checkpoint.",
+)
+@click.option("--num-regions", type=click.IntRange(min=2), help="Default: 5 (the paper).")
+@click.option(
+    "--mask-mode",
+    type=click.Choice(DCP_MASK_MODES),
+    help="Bin the refined transmission (released code, default) or the dark channel (paper text).",
+)
+def explain(
+    image_path: Path,
+    output: Path,
+    checkpoint: Path | None,
+    num_regions: int | None,
+    mask_mode: str | None,
+) -> None:
+    """Draw IMAGE's dark channel, transmission and DCP region masks (paper Figure 1)."""
+    config = _explain_config(checkpoint, num_regions, mask_mode)
+    try:
+        image = read_image(image_path)
+    except ImageError as error:
+        raise click.ClickException(str(error)) from error
+    figure = explain_figure(image, config)
+    try:
+        write_image(pil_to_tensor(figure).float() / 255.0, output)
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"cannot write {output}: {error}") from error
+    click.echo(
+        f"wrote {output}: input, dark channel, transmission and {config.num_regions} regions "
+        f"({config.dcp_mask_mode})"
+    )

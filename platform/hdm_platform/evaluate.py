@@ -1,0 +1,208 @@
+"""Full-reference evaluation of a model on one split of a dataset, as in the paper's tables.
+
+The model is a registered version (``models:/hdm-dehaze@champion``), an ``hdm_model``
+checkpoint folder or a training checkpoint folder (local or any fsspec URI), or ``dcp``, the
+classic dark-channel-prior dehazer (the "DCP" column of the paper's Table 1). Every pair of
+the split is enhanced at full size (the network pads internally) and measured with
+:func:`hdm_model.metrics.image_metrics` (PSNR / SSIM on RGB and on Y, 8-bit quantised);
+the result has one row per image and the averages. Shards are read one at a time with
+pyarrow, so memory stays bounded by one shard and one image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from hdm_model import enhance, load_checkpoint, prepare_for_inference
+from hdm_model.metrics import image_metrics
+from hdm_model.priors import dehaze
+from hdm_platform.data.manifest import Manifest
+from hdm_platform.data.pipeline import decode_rgb
+from hdm_platform.data.storage import is_local, open_filesystem, write_atomic
+from hdm_platform.tracking.mlflow_run import TrackedRun, source_tags
+from hdm_platform.tracking.registry import is_registry_uri, load_registered
+from hdm_platform.train.checkpoints import exported_model_dir
+
+__all__ = [
+    "DCP_BASELINE",
+    "METRICS",
+    "EvaluationResult",
+    "evaluate",
+    "iter_split_pairs",
+    "load_enhancer",
+    "log_evaluation",
+    "write_csv",
+]
+
+#: ``--model dcp``: the classic dark channel prior dehazer instead of a network.
+DCP_BASELINE = "dcp"
+METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
+_CSV_FIELDS = ("id", "width", "height", *METRICS, "seconds")
+
+Enhancer = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Per-image rows (``id``, size, metrics, seconds) and the averages over the split.
+
+    An output identical to its target has infinite PSNR; ``means`` averages the finite
+    values and ``perfect_images`` counts the others.
+    """
+
+    model: str
+    data: str
+    split: str
+    rows: list[dict[str, Any]]
+    means: dict[str, float]
+    perfect_images: int
+
+    def summary(self) -> str:
+        averages = ", ".join(f"{name} {self.means[name]:.4f}" for name in METRICS)
+        return f"{self.model} on {self.data} [{self.split}], {len(self.rows)} images: {averages}"
+
+
+def load_enhancer(
+    model: str,
+    *,
+    tracking_uri: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    tile: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Enhancer:
+    """A function ``[1, 3, H, W] -> [1, 3, H, W]`` in [0, 1] for ``model`` (see module doc)."""
+    if model == DCP_BASELINE:
+        return lambda images: dehaze(images.to(device))
+    if is_registry_uri(model):
+        network = load_registered(model, tracking_uri=tracking_uri, device=device)
+    else:
+        network = _load_folder(model, device=device, storage_options=storage_options)
+    network = prepare_for_inference(network, device=device)
+    return lambda images: enhance(network, images, precision=precision, tile=tile)  # type: ignore[arg-type]
+
+
+def _load_folder(uri: str, *, device: str | torch.device, storage_options: dict[str, Any] | None) -> torch.nn.Module:
+    filesystem, path = open_filesystem(uri, storage_options)
+    if not filesystem.isdir(path):
+        raise FileNotFoundError(f"--model {uri}: no such checkpoint folder")
+    # A training checkpoint keeps the exported (EMA) model in model/.
+    if filesystem.isfile(f"{path}/model/config.json"):
+        path = str(exported_model_dir(path))
+    if is_local(filesystem):
+        return load_checkpoint(path, device=device)
+    with tempfile.TemporaryDirectory(prefix="hdm-eval-model-") as staging:
+        for name in ("config.json", "model.safetensors"):
+            filesystem.get_file(f"{path}/{name}", os.path.join(staging, name))
+        return load_checkpoint(staging, device=device)
+
+
+def iter_split_pairs(
+    data: str, split: str, *, storage_options: dict[str, Any] | None = None
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(id, input, target)`` as 8-bit RGB arrays for every pair of ``split``, in order."""
+    manifest = Manifest.load(data, storage_options=storage_options)
+    if split not in manifest.splits:
+        raise ValueError(f"dataset {data} has no split {split!r}; it has {sorted(manifest.splits)}")
+    for shard_uri in manifest.shard_uris(split):
+        filesystem, path = open_filesystem(shard_uri, storage_options)
+        with filesystem.open(path, "rb") as handle:
+            shard = pq.ParquetFile(handle)
+            for batch in shard.iter_batches(batch_size=8, columns=["id", "input", "target"]):
+                for row in batch.to_pylist():
+                    where = f"row {row['id']!r} of {shard_uri}"
+                    if row["target"] is None:
+                        raise ValueError(f"{where} has no target image: evaluation needs pairs")
+                    try:
+                        source, target = decode_rgb(row["input"]), decode_rgb(row["target"])
+                    except (OSError, ValueError) as error:
+                        raise ValueError(f"{where}: cannot decode: {error}") from error
+                    if source.shape != target.shape:
+                        raise ValueError(f"{where}: input {source.shape} and target {target.shape} differ")
+                    yield row["id"], source, target
+
+
+def evaluate(
+    model: str,
+    data: str,
+    *,
+    split: str = "test",
+    tracking_uri: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    tile: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Measure ``model`` on every pair of ``split`` of the dataset at ``data``."""
+    enhancer = load_enhancer(
+        model, tracking_uri=tracking_uri, device=device, precision=precision, tile=tile,
+        storage_options=storage_options,
+    )  # fmt: skip
+    rows = []
+    pairs = iter_split_pairs(data, split, storage_options=storage_options)
+    for pair_id, source, target in tqdm(pairs, desc=f"evaluate {split}", unit="image", disable=not progress):
+        started = time.perf_counter()
+        output = enhancer(_to_tensor(source, device))
+        seconds = time.perf_counter() - started
+        values = image_metrics(output.float(), _to_tensor(target, device))
+        rows.append(
+            {"id": pair_id, "width": source.shape[1], "height": source.shape[0],
+             **{name: values[name].item() for name in METRICS}, "seconds": seconds}
+        )  # fmt: skip
+    if not rows:
+        raise ValueError(f"split {split!r} of {data} has no pairs to evaluate")
+    means = {}
+    for name in METRICS:
+        finite = [row[name] for row in rows if math.isfinite(row[name])]
+        means[name] = sum(finite) / len(finite) if finite else math.inf
+    perfect = sum(not math.isfinite(row["psnr"]) for row in rows)
+    return EvaluationResult(model=model, data=data, split=split, rows=rows, means=means, perfect_images=perfect)
+
+
+def write_csv(result: EvaluationResult, destination: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Per-image rows then a ``mean`` row, written atomically (temp file + rename)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(result.rows)
+    writer.writerow({"id": "mean", **result.means})
+    filesystem, path = open_filesystem(destination, storage_options)
+    write_atomic(filesystem, path, buffer.getvalue().encode())
+
+
+def log_evaluation(result: EvaluationResult, *, tracking_uri: str, experiment: str) -> str:
+    """One MLflow run per evaluation: params, mean metrics and the per-image CSV; its id."""
+    run = TrackedRun.create(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=f"evaluate {result.model} on {result.data} [{result.split}]",
+        tags={**source_tags(), "hdm.evaluation": "true"},
+    )
+    run.log_params({"model": result.model, "data": result.data, "split": result.split, "images": len(result.rows)})
+    run.log_metrics({f"{result.split}_{name}": value for name, value in result.means.items()}, step=0)
+    with tempfile.TemporaryDirectory(prefix="hdm-eval-") as staging:
+        table = Path(staging) / f"{result.split}_metrics.csv"
+        write_csv(result, str(table))
+        run.client.log_artifact(run.run_id, str(table))
+    run.finish()
+    return run.run_id
+
+
+def _to_tensor(image: np.ndarray, device: str | torch.device) -> Tensor:
+    return torch.from_numpy(image.copy()).permute(2, 0, 1).unsqueeze(0).to(device).float().div(255)

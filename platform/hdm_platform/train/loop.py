@@ -1,0 +1,379 @@
+"""The per-worker training loop that Ray Train runs on every worker (paper section 4 recipe).
+
+Adam (0.9, 0.999), lr 2e-4 annealed by a cosine over the planned run (``epochs`` x steps
+per epoch; ``max_steps`` stops early without changing the schedule, so a run stopped and
+resumed follows the same learning-rate curve as one that never stopped), L1 + weighted
+VGG perceptual loss, DDP across the workers, optional bfloat16 autocast, gradient clipping
+and an exponential moving average of the weights, whose copy is the one validated,
+checkpointed for export and registered.
+
+Every validation (each ``val_every_epochs`` epochs or ``val_every_steps`` steps, and at the
+end) measures PSNR/SSIM (RGB and Y) of the EMA model on full validation images, sums them
+over the workers with ``all_reduce``, and reports a checkpoint to Ray Train, which keeps
+the best K by validation PSNR plus the latest. On a restart (a re-run with the same run
+name, or a worker-group restart after a failure) the loop resumes from the latest
+checkpoint at the same step. Rank 0 logs to the MLflow run the driver opened.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Adam
+from torch.optim.lr_scheduler import CosineAnnealingLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.transforms.v2.functional import center_crop
+
+from hdm_model import HDM, build_hdm
+from hdm_model.losses import EnhancementLoss
+from hdm_model.metrics import image_metrics
+from hdm_platform.config import ExperimentConfig
+from hdm_platform.data.pipeline import iter_pairs
+from hdm_platform.tracking.mlflow_run import TrackedRun, image_grid
+from hdm_platform.train.checkpoints import (
+    TrainingState,
+    load_rng_state,
+    load_training_state,
+    save_rng_state,
+    save_training_state,
+)
+
+__all__ = [
+    "FaultInjection",
+    "LoopSettings",
+    "PSNR_CAP_DB",
+    "Throughput",
+    "VAL_METRICS",
+    "resolve_precision",
+    "train_loop_per_worker",
+]
+
+#: Validation metrics, in the order they are summed across workers.
+VAL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
+#: An output identical to its target has infinite PSNR; it counts as this in averages.
+PSNR_CAP_DB = 100.0
+
+Precision = Literal["bf16", "fp32"]
+
+
+def resolve_precision(setting: str, device: torch.device) -> Precision:
+    """``auto`` is bfloat16 on CUDA devices that support it and float32 elsewhere.
+
+    On CPU, bfloat16 autocast trains no faster than float32 on the 2-core reference machine
+    (bench/RESULTS.md, "Training"), so ``auto`` does not pick it there.
+    """
+    if setting == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    if setting not in ("bf16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {setting!r}")
+    return setting  # type: ignore[return-value]
+
+
+@dataclass
+class Throughput:
+    """Global training samples per second over the steps timed since this worker started."""
+
+    samples: int = 0
+    seconds: float = 0.0
+
+    def add(self, *, samples: int, seconds: float) -> None:
+        self.samples += samples
+        self.seconds += seconds
+
+    @property
+    def per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook: worker ``rank`` exits abruptly after ``step``, once (``marker`` records it)."""
+
+    rank: int
+    step: int
+    marker: str
+
+    def maybe_crash(self, *, rank: int, step: int) -> None:
+        if rank != self.rank or step != self.step or os.path.exists(self.marker):
+            return
+        Path(self.marker).write_text(f"worker {rank} crashed after step {step}\n")
+        os._exit(1)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the driver passes to every worker, as plain values (``to_dict`` / ``from_dict``)."""
+
+    experiment: dict[str, Any]
+    steps_per_epoch: int
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    fault_injection: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "steps_per_epoch": self.steps_per_epoch,
+            "mlflow_tracking_uri": self.mlflow_tracking_uri,
+            "mlflow_run_id": self.mlflow_run_id,
+            "fault_injection": self.fault_injection,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoopSettings:
+        return cls(**values)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: ``config`` is :meth:`LoopSettings.to_dict`."""
+    settings = LoopSettings.from_dict(config)
+    _Trainer(settings).run()
+
+
+class _Trainer:
+    """One worker's training state; the methods are the steps of the loop."""
+
+    def __init__(self, settings: LoopSettings) -> None:
+        self.settings = settings
+        self.experiment = ExperimentConfig.model_validate(settings.experiment)
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        train = self.experiment.train
+        self.per_worker_batch = train.batch_size // self.world_size
+        self.steps_per_epoch = settings.steps_per_epoch
+        self.total_steps = train.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, train.max_steps or self.total_steps)
+        self.fault = FaultInjection(**settings.fault_injection) if settings.fault_injection else None
+
+        torch.set_num_threads(max(1, int(self.experiment.scaling.cpus_per_worker)))
+        torch.manual_seed(train.seed + self.rank)
+        self.device = ray.train.torch.get_device()
+        self.precision = resolve_precision(train.precision, self.device)
+        self.model: HDM = build_hdm(self.experiment.model.to_hdm_config()).to(self.device)
+        self.ema = (
+            AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True
+            )
+            if train.ema_decay is not None
+            else None
+        )
+        self.optimizer = Adam(
+            self.model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay
+        )
+        self.scheduler = CosineAnnealingLR(self.optimizer, T_max=self.total_steps, eta_min=train.min_lr)
+        loss = self.experiment.loss
+        self.loss = EnhancementLoss(
+            l1_weight=loss.l1_weight,
+            perceptual_weight=loss.perceptual_weight,
+            vgg_weights=loss.vgg_weights,
+        ).to(self.device)
+        self.state = TrainingState(mlflow_run_id=settings.mlflow_run_id)
+        self.throughput = Throughput()
+        self.resumed_from: int | None = None
+        self._restore()
+        # DDP after restoring: its construction broadcasts rank 0's (restored) weights.
+        self.ddp_model = ray.train.torch.prepare_model(self.model)
+        self.tracker = (
+            TrackedRun.for_run(settings.mlflow_tracking_uri, settings.mlflow_run_id)
+            if self.rank == 0 and settings.mlflow_run_id
+            else None
+        )
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The weights that are validated and exported: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _restore(self) -> None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as directory:
+            restored = load_training_state(
+                directory,
+                model=self.model,
+                ema=self.ema,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+            )
+            load_rng_state(directory, rank=self.rank)
+        restored.mlflow_run_id = self.settings.mlflow_run_id or restored.mlflow_run_id
+        self.state = restored
+        self.resumed_from = restored.step
+
+    def run(self) -> None:
+        if self.tracker is not None and self.resumed_from is not None:
+            self.tracker.log_metrics({"resumed_from_step": self.resumed_from}, step=self.resumed_from)
+        train_shard = ray.train.get_dataset_shard("train")
+        validated_at = self.state.step if self.resumed_from is not None else -1
+        while self.state.step < self.stop_step:
+            epoch = self.state.step // self.steps_per_epoch
+            self.state.epoch = epoch
+            self._train_epoch(train_shard, epoch)
+            epoch_done = self.state.step % self.steps_per_epoch == 0
+            if epoch_done and (epoch + 1) % self.experiment.train.val_every_epochs == 0:
+                self._validate_and_checkpoint()
+                validated_at = self.state.step
+        if validated_at != self.state.step:
+            self._validate_and_checkpoint()
+
+    def _train_epoch(self, shard: Any, epoch: int) -> None:
+        train = self.experiment.train
+        steps_left_in_epoch = self.steps_per_epoch - self.state.step % self.steps_per_epoch
+        window: list[dict[str, float]] = []
+        window_started = last_step_end = time.perf_counter()
+        for batch_index, (inputs, targets) in enumerate(self._batches(shard, epoch)):
+            if batch_index == steps_left_in_epoch or self.state.step >= self.stop_step:
+                break
+            terms = self._step(inputs, targets)
+            self.state.step += 1
+            if self.fault is not None:
+                self.fault.maybe_crash(rank=self.rank, step=self.state.step)
+            now = time.perf_counter()
+            if batch_index > 0:  # the first step of an epoch also waits for the pipeline to start
+                self.throughput.add(samples=train.batch_size, seconds=now - last_step_end)
+            window.append(terms)
+            # MLflow logging counts towards the next step's time: it is platform overhead.
+            last_step_end = now
+            if self.state.step % train.log_every_steps == 0:
+                self._log_training(window, now - window_started)
+                window, window_started = [], now
+            mid_epoch = self.state.step % self.steps_per_epoch != 0  # epoch ends validate in run()
+            if train.val_every_steps and self.state.step % train.val_every_steps == 0 and mid_epoch:
+                self._validate_and_checkpoint()
+                window_started = last_step_end = time.perf_counter()
+
+    def _batches(self, shard: Any, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        data = self.experiment.data
+        buffer = data.shuffle_buffer_size if data.shuffle_buffer_size >= self.per_worker_batch else None
+        return iter_pairs(
+            shard,
+            batch_size=self.per_worker_batch,
+            device=self.device,
+            local_shuffle_buffer_size=buffer,
+            seed=self.experiment.train.seed * 100_003 + epoch * 101 + self.rank,
+            drop_last=True,
+        )
+
+    def _step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        self.ddp_model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            terms = self.loss(self.ddp_model(inputs).float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        clip = self.experiment.train.grad_clip_norm
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip is not None else None
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        values = {
+            "train_loss": terms.total.item(),
+            "train_l1": terms.l1.item(),
+            "train_perceptual": terms.perceptual.item(),
+        }
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm.item()
+        return values
+
+    def _log_training(self, window: list[dict[str, float]], seconds: float) -> None:
+        if self.tracker is None or not window:
+            return
+        metrics = {key: sum(item[key] for item in window) / len(window) for key in window[0]}
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["epoch"] = self.state.step / self.steps_per_epoch
+        metrics["samples_per_second"] = len(window) * self.experiment.train.batch_size / seconds
+        self.tracker.log_metrics(metrics, step=self.state.step)
+
+    def _validate_and_checkpoint(self) -> None:
+        metrics = self._validate()
+        metrics.update(
+            step=self.state.step,
+            epoch=self.state.epoch,
+            lr=self.scheduler.get_last_lr()[0],
+            train_samples_per_second=self.throughput.per_second,
+        )
+        self.state.metrics = {key: float(value) for key, value in metrics.items()}
+        with tempfile.TemporaryDirectory(prefix="hdm-checkpoint-") as directory:
+            if self.rank == 0:
+                save_training_state(
+                    directory,
+                    model=self.model,
+                    ema=self.ema,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    state=self.state,
+                    metadata={"task": self.experiment.task, "experiment": self.experiment.name},
+                )
+            save_rng_state(directory, rank=self.rank)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"checkpoint-step-{self.state.step:08d}",
+            )
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, float]:
+        model = self.evaluated_model.eval()
+        data = self.experiment.data
+        batch_size = 1 if data.val_crop_size is None else self.per_worker_batch
+        sums = torch.zeros(len(VAL_METRICS) + 1, dtype=torch.float64, device=self.device)
+        shown: list[tuple[Tensor, Tensor, Tensor]] = []
+        wanted = self.experiment.train.logged_val_images if self.tracker is not None else 0
+        # The whole val set comes to every worker (not split); batch i belongs to rank
+        # i mod world_size, so every image is measured exactly once.
+        batches = iter_pairs(ray.train.get_dataset_shard("val"), batch_size=batch_size, device=self.device)
+        for index, (inputs, targets) in enumerate(batches):
+            if index % self.world_size != self.rank:
+                continue
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                outputs = model(inputs).float()
+            values = image_metrics(outputs, targets)
+            values["psnr"] = values["psnr"].clamp(max=PSNR_CAP_DB)
+            values["psnr_y"] = values["psnr_y"].clamp(max=PSNR_CAP_DB)
+            for position, name in enumerate(VAL_METRICS):
+                sums[position] += values[name].sum().to(sums)
+            sums[-1] += len(inputs)
+            for triple in zip(inputs, outputs, targets, strict=True):
+                if len(shown) < wanted:
+                    shown.append(tuple(image.cpu() for image in triple))  # type: ignore[arg-type]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        count = sums[-1].item()
+        if count == 0:
+            raise RuntimeError(
+                f"validation split {data.val_split!r} of {data.uri} gave no images to the workers"
+            )
+        metrics = {f"val_{name}": sums[index].item() / count for index, name in enumerate(VAL_METRICS)}
+        metrics["val_images"] = count
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=self.state.step)
+            if shown:
+                self.tracker.log_image_grid(_grid(shown), name=f"val-step-{self.state.step:08d}")
+        return metrics
+
+
+def _grid(triples: list[tuple[Tensor, Tensor, Tensor]]) -> Any:
+    """Before/after grid of validation images, centre-cropped to their common size."""
+    height = min(image.shape[-2] for image, _, _ in triples)
+    width = min(image.shape[-1] for image, _, _ in triples)
+    columns = [
+        torch.stack([center_crop(triple[column], [height, width]) for triple in triples])
+        for column in range(3)
+    ]
+    return image_grid(*columns)

@@ -1,0 +1,77 @@
+"""Shared fixtures: an S3 endpoint served by moto on loopback, fresh buckets on it, and
+tiny generated images."""
+
+from __future__ import annotations
+
+import io
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import s3fs
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+_S3_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1; AWS_* variables point at it for the whole session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in _S3_ENVIRONMENT.items():
+            patch.setenv(name, value)
+        patch.setenv("AWS_ENDPOINT_URL", endpoint)
+        # A cached S3FileSystem made before these variables were set would still talk to
+        # its old endpoint with its old credentials.
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield endpoint
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> Iterator[str]:
+    """A new empty bucket on the moto endpoint, as ``s3://<bucket>``."""
+    bucket = f"hdm-test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{bucket}"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def make_png() -> Callable[..., bytes]:
+    """Writes a small random RGB PNG (parents created) and returns its bytes."""
+
+    def write(path: Path, width: int = 12, height: int = 8, seed: int = 0) -> bytes:
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer.getvalue())
+        return buffer.getvalue()
+
+    return write

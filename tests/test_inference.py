@@ -1,0 +1,130 @@
+"""Fast (channels_last, bfloat16) and tiled inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hdm_model import HDM, enhance, hdm, hdm_f, prepare_for_inference, variant_config
+from hdm_model.hdm import build_hdm
+from hdm_model.structure import DeformableBlock
+
+TINY = {"channels": 16, "blocks_per_group": 1, "num_groups": 1}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (10 * torch.log10(1 / F.mse_loss(a, b))).item()
+
+
+def spread_output(network: HDM) -> HDM:
+    """A random-init network whose output varies over most of [0, 1] instead of sitting at 0,
+    so that output comparisons are not trivially close."""
+    with torch.no_grad():
+        network.decoder.head[2].weight.mul_(20)
+        network.decoder.head[2].bias.fill_(0.55)
+    return network
+
+
+def smooth_photo(height: int, width: int) -> torch.Tensor:
+    torch.manual_seed(1)
+    coarse = torch.rand(1, 3, 6, 8)
+    return F.interpolate(coarse, size=(height, width), mode="bicubic").clamp(0, 1) * 0.8 + torch.rand(
+        1, 3, height, width
+    ) * 0.2
+
+
+@pytest.fixture(scope="module")
+def network() -> HDM:
+    torch.manual_seed(0)
+    return prepare_for_inference(spread_output(hdm(**TINY)), device="cpu")
+
+
+def test_enhance_returns_float32_in_unit_range_with_the_input_shape(network: HDM) -> None:
+    out = enhance(network, smooth_photo(37, 53))
+    assert out.shape == (1, 3, 37, 53) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert out.std() > 0.05  # the comparisons below compare real images, not constants
+
+
+def test_prepare_for_inference_sets_eval_mode_and_channels_last() -> None:
+    network = prepare_for_inference(hdm(**TINY).train(), device=torch.device("cpu"))
+    assert not network.training
+    assert network.encoder.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_path_matches_the_plain_forward(network: HDM) -> None:
+    image = smooth_photo(48, 64)
+    with torch.no_grad():
+        plain = network(image.contiguous())
+    assert torch.allclose(enhance(network, image), plain, atol=1e-5)
+
+
+def test_bfloat16_output_is_close_to_float32(network: HDM) -> None:
+    image = smooth_photo(48, 64)
+    assert psnr(enhance(network, image, precision="bf16"), enhance(network, image)) >= 40
+
+
+def test_deformable_conv_runs_in_float32_under_bfloat16_autocast() -> None:
+    block = DeformableBlock(16)
+    features = torch.rand(1, 16, 12, 12)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = block(features.bfloat16())
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, block(features), atol=0.05)
+
+
+@pytest.mark.parametrize(("height", "width"), [(150, 190), (97, 130)])
+def test_tiled_output_matches_the_whole_image(network: HDM, height: int, width: int) -> None:
+    image = smooth_photo(height, width)
+    tiled = enhance(network, image, tile=96, tile_overlap=32)
+    assert tiled.shape == (1, 3, height, width)
+    assert psnr(tiled, enhance(network, image)) >= 40
+
+
+def test_a_tile_larger_than_the_image_is_the_untiled_run(network: HDM) -> None:
+    image = smooth_photo(37, 53)
+    assert torch.allclose(enhance(network, image, tile=64), enhance(network, image), atol=1e-6)
+
+
+def test_tiles_share_the_whole_image_masks(network: HDM, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    original = type(network).region_masks
+
+    def counting(self: HDM, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return original(self, x, **kwargs)
+
+    monkeypatch.setattr(type(network), "region_masks", counting)
+    enhance(network, smooth_photo(150, 190), tile=64, tile_overlap=16)
+    assert calls == [(1, 3, 150, 190)]
+
+
+def test_tiled_external_guide_and_learned_masks_run() -> None:
+    torch.manual_seed(0)
+    image = smooth_photo(100, 120)
+    guided = prepare_for_inference(build_hdm(variant_config("HDM", **TINY, mask_source="external")), device="cpu")
+    guide = torch.linspace(0, 1, 120).expand(1, 1, 100, 120)
+    whole = enhance(guided, image, guide=guide)
+    assert torch.allclose(enhance(guided, image, guide=guide, tile=64, tile_overlap=16), whole, atol=0.02)
+    learned = prepare_for_inference(hdm_f(**TINY), device="cpu")
+    assert enhance(learned, image, tile=64, tile_overlap=16, precision="bf16").shape == (1, 3, 100, 120)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tile": 30}, "tile must"),
+        ({"tile": 64, "tile_overlap": 6}, "tile_overlap"),
+        ({"tile": 64, "tile_overlap": 64}, "tile_overlap"),
+        ({"precision": "fp16"}, "precision"),
+    ],
+)
+def test_bad_options_are_rejected(network: HDM, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        enhance(network, smooth_photo(32, 32), **options)
+
+
+def test_integer_images_are_rejected(network: HDM) -> None:
+    with pytest.raises(ValueError, match="float"):
+        enhance(network, torch.zeros(1, 3, 8, 8, dtype=torch.uint8))

@@ -1,0 +1,270 @@
+"""The Ray Data input pipeline over Parquet shards (hdm_platform.data.pipeline).
+
+The datasets are tiny "coordinate images": red = column, green = row, blue = an image
+index, so every output pixel says where in which source image it came from, and crops,
+flips, rotations and padding can be checked exactly. Targets are the inverted inputs, so
+a pair processed differently on its two sides cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+from ray.data import DataContext
+
+from hdm_platform.data.manifest import Manifest
+from hdm_platform.data.pipeline import CorruptPairError, PairTransform, build_dataset, iter_pairs, split_rows
+from hdm_platform.data.writer import DatasetWriter, Row
+
+CROP = 16
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint: str) -> Iterator[None]:
+    # Starts after the S3 fixture so the Ray workers inherit its AWS_* environment.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def coordinate_image(width: int, height: int, index: int) -> np.ndarray:
+    columns, rows = np.meshgrid(np.arange(width), np.arange(height))
+    return np.stack([columns, rows, np.full_like(columns, index)], axis=-1).astype(np.uint8)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pair_row(pair_id: str, split: str, pixels: np.ndarray, input_bytes: bytes | None = None) -> Row:
+    return Row(
+        id=pair_id,
+        task="dehaze",
+        split=split,
+        input=input_bytes if input_bytes is not None else png(pixels),
+        target=png(255 - pixels),
+        input_format="PNG",
+        target_format="PNG",
+        width=pixels.shape[1],
+        height=pixels.shape[0],
+        source_input=f"test/{pair_id}/input.png",
+        source_target=f"test/{pair_id}/target.png",
+    )
+
+
+def write_dataset(uri: str, rows: list[Row], *, shard_size: int = 1) -> Manifest:
+    # shard_size=1 byte: one row per shard, so file shuffling and splitting have files to move.
+    with DatasetWriter(uri, shard_size=shard_size, workers=2) as writer:
+        for row in rows:
+            writer.add(row)
+        return writer.commit(
+            name="pipeline-test", task="dehaze", layout="test", paired=True, source="generated", fingerprint="0" * 64
+        )
+
+
+IMAGE_SIZES = {"train": [(40, 36), (48, 40), (36, 44), (44, 48), (40, 40), (12, 10)], "val": [(24, 20), (30, 26), (20, 28)]}
+
+
+@pytest.fixture(scope="module")
+def dataset_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = str(tmp_path_factory.mktemp("pairs"))
+    rows = [
+        pair_row(f"{split}/{index}", split, coordinate_image(width, height, index))
+        for split, sizes in IMAGE_SIZES.items()
+        for index, (width, height) in enumerate(sizes)
+    ]
+    write_dataset(uri, rows)
+    return uri
+
+
+def by_id(dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One pass over a pair dataset: row id -> (input, target), in [0, 255] as float64."""
+    pairs = {}
+    for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+        for row_id, source, target in zip(batch["id"], batch["input"], batch["target"], strict=True):
+            pairs[str(row_id)] = (np.asarray(source, np.float64) * 255, np.asarray(target, np.float64) * 255)
+    return pairs
+
+
+def dihedral_placement(crop: np.ndarray) -> tuple[int, int, bool, bool, bool]:
+    """For a CHW crop of a coordinate image: (left, top, flipped_h, flipped_v, transposed)."""
+    columns, rows = np.rint(crop[0]).astype(int), np.rint(crop[1]).astype(int)
+    transposed = bool(np.all(columns == columns[:, :1]))  # column index varies down the crop
+    step_x = np.diff(columns, axis=0 if transposed else 1)
+    step_y = np.diff(rows, axis=1 if transposed else 0)
+    assert np.all(np.abs(step_x) == 1) and np.all(np.abs(step_y) == 1), "not a rigid crop of the source"
+    assert len(np.unique(np.sign(step_x))) == 1 and len(np.unique(np.sign(step_y))) == 1
+    return int(columns.min()), int(rows.min()), bool(step_x.flat[0] < 0), bool(step_y.flat[0] < 0), transposed
+
+
+def test_training_batches_have_fixed_shapes_and_cover_the_split(ray_cluster, dataset_uri):
+    dataset = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=3)
+    batches = list(iter_pairs(dataset, batch_size=4, local_shuffle_buffer_size=4, seed=1))
+    assert [tuple(source.shape) for source, _ in batches] == [(4, 3, CROP, CROP), (2, 3, CROP, CROP)]
+    for source, target in batches:
+        assert source.dtype == target.dtype == torch.float32
+        assert source.device.type == "cpu"
+        assert 0.0 <= float(source.min()) and float(source.max()) <= 1.0
+    assert split_rows(dataset_uri, "train") == len(IMAGE_SIZES["train"])
+
+
+def transform_batch(rows: list[Row]) -> dict[str, np.ndarray]:
+    """The columns build_dataset hands to PairTransform, for calling it without Ray."""
+    column = lambda values: np.array(values, dtype=object)  # noqa: E731
+    return {
+        "id": column([row.id for row in rows]),
+        "input": column([row.input for row in rows]),
+        "target": column([row.target for row in rows]),
+        "path": column([f"/data/shards/train-g-{index:05d}.parquet" for index in range(len(rows))]),
+    }
+
+
+ORIENTATIONS = {(h, v, t) for h in (False, True) for v in (False, True) for t in (False, True)}
+
+
+def test_pair_transform_augments_both_sides_identically():
+    rows = [pair_row(f"train/{index}", "train", coordinate_image(40, 36, index)) for index in range(64)]
+    transform = PairTransform(crop_size=CROP, random_crop=True, augment=True, seed=7)
+    output = transform(transform_batch(rows))
+    sources, targets = output["input"] * 255, output["target"] * 255
+    assert sources.dtype == np.float32 and sources.shape == (64, 3, CROP, CROP)
+    np.testing.assert_allclose(targets, 255 - sources, atol=1e-3)
+    placements = [dihedral_placement(source) for source in sources]
+    assert [int(np.rint(source[2, 0, 0])) for source in sources] == list(range(64))
+    assert len({placement[:2] for placement in placements}) > 32  # crop positions vary
+    assert {placement[2:] for placement in placements} == ORIENTATIONS
+    # Each row's draw depends only on (seed, epoch, id): not on its batch or position.
+    alone = transform(transform_batch(rows[5:6]))["input"][0]
+    np.testing.assert_array_equal(alone, output["input"][5])
+    other_seed = PairTransform(crop_size=CROP, random_crop=True, augment=True, seed=8)(transform_batch(rows))
+    assert not np.array_equal(other_seed["input"], output["input"])
+
+
+def test_pair_transform_without_augment_only_crops():
+    rows = [pair_row(f"train/{index}", "train", coordinate_image(40, 36, index)) for index in range(16)]
+    output = PairTransform(crop_size=CROP, random_crop=True, augment=False, seed=1)(transform_batch(rows))
+    assert {dihedral_placement(source * 255)[2:] for source in output["input"]} == {(False, False, False)}
+
+
+def test_pair_transform_errors_name_the_row_and_shard():
+    good = coordinate_image(20, 20, 0)
+    truncated = pair_row("bad/1", "train", good, input_bytes=png(good)[:60])
+    transform = PairTransform(crop_size=CROP, random_crop=True, augment=True, seed=0)
+    with pytest.raises(CorruptPairError, match=r"row 'bad/1' in shard /data/shards/train-g-00001.parquet: cannot decode the input"):
+        transform(transform_batch([pair_row("ok/0", "train", good), truncated]))
+    mismatched = dataclasses.replace(pair_row("odd/0", "train", good), target=png(coordinate_image(20, 24, 0)))
+    with pytest.raises(CorruptPairError, match=r"row 'odd/0' .*input is 20x20 but target is 20x24"):
+        transform(transform_batch([mismatched]))
+    unpaired = dataclasses.replace(pair_row("infer/0", "infer", good), target=None)
+    with pytest.raises(CorruptPairError, match=r"row 'infer/0' .*no target image"):
+        transform(transform_batch([unpaired]))
+
+
+def test_epochs_change_the_augmentation_reproducibly(ray_cluster, dataset_uri):
+    dataset = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=7)
+    epochs = [by_id(dataset) for _ in range(2)]
+    for pairs in epochs:
+        assert sorted(pairs) == sorted(f"train/{index}" for index in range(len(IMAGE_SIZES["train"])))
+        for row_id, (source, target) in pairs.items():
+            assert source.shape == target.shape == (3, CROP, CROP)
+            np.testing.assert_allclose(target, 255 - source, atol=1e-3, err_msg=row_id)
+    changed = [row_id for row_id in epochs[0] if not np.array_equal(epochs[0][row_id][0], epochs[1][row_id][0])]
+    assert len(changed) >= 4
+    # Same seed, new dataset: its first epoch repeats the first epoch above.
+    rerun = by_id(build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=7))
+    for row_id, (source, _) in epochs[0].items():
+        np.testing.assert_array_equal(rerun[row_id][0], source)
+
+
+def test_images_smaller_than_the_crop_are_reflect_padded(ray_cluster, dataset_uri):
+    dataset = build_dataset(dataset_uri, "train", crop_size=CROP, train=False)
+    source, target = by_id(dataset)["train/5"]
+    small = coordinate_image(12, 10, 5)
+    expected = np.pad(small, ((3, 3), (2, 2), (0, 0)), mode="reflect").transpose(2, 0, 1)
+    np.testing.assert_allclose(source, expected, atol=1e-3)
+    np.testing.assert_allclose(target, 255 - expected, atol=1e-3)
+
+
+def test_validation_is_deterministic_full_size_or_centre_cropped(ray_cluster, dataset_uri):
+    full = build_dataset(dataset_uri, "val", crop_size=None, train=False)
+    passes = [list(iter_pairs(full, batch_size=1)) for _ in range(2)]
+    assert len(passes[0]) == len(IMAGE_SIZES["val"])
+    for (first_input, first_target), (second_input, second_target) in zip(*passes, strict=True):
+        assert torch.equal(first_input, second_input) and torch.equal(first_target, second_target)
+    # Manifest order, full size, untouched pixels.
+    for (source, target), (index, (width, height)) in zip(passes[0], enumerate(IMAGE_SIZES["val"]), strict=True):
+        expected = torch.from_numpy(coordinate_image(width, height, index)).permute(2, 0, 1) / 255.0
+        assert tuple(source.shape) == (1, 3, height, width)
+        torch.testing.assert_close(source[0], expected)
+        torch.testing.assert_close(target[0], 1.0 - expected)
+    with pytest.raises(ValueError, match="batch_size=1"):
+        next(iter(iter_pairs(full, batch_size=3)))
+
+    centre = by_id(build_dataset(dataset_uri, "val", crop_size=CROP, train=False))
+    source, _ = centre["val/1"]  # 30 wide, 26 high
+    np.testing.assert_allclose(source, coordinate_image(30, 26, 1)[5:21, 7:23].transpose(2, 0, 1), atol=1e-3)
+
+
+def test_reads_shards_from_s3(ray_cluster, s3_bucket):
+    uri = f"{s3_bucket}/datasets/tiny"
+    rows = [pair_row(f"s3/{index}", "train", coordinate_image(20, 20, index)) for index in range(4)]
+    write_dataset(uri, rows)
+    dataset = build_dataset(uri, "train", crop_size=CROP, train=True, seed=0)
+    pairs = by_id(dataset)
+    assert sorted(pairs) == [f"s3/{index}" for index in range(4)]
+    for row_id, (source, target) in pairs.items():
+        np.testing.assert_allclose(target, 255 - source, atol=1e-3)
+        assert np.all(np.rint(source[2]) == int(row_id.split("/")[1]))
+    assert split_rows(f"{uri}/manifest.json", "train") == 4
+
+
+def test_corrupt_row_error_names_the_row_and_shard(ray_cluster, tmp_path):
+    good = coordinate_image(20, 20, 0)
+    broken = png(good)[:60]  # a PNG cut off inside its pixel data
+    manifest = write_dataset(
+        str(tmp_path), [pair_row("ok/0", "train", good), pair_row("bad/1", "train", good, input_bytes=broken)]
+    )
+    shard = next(uri for uri in manifest.shard_uris("train") if "00001" in uri).rsplit("/", 1)[1]
+    dataset = build_dataset(str(tmp_path), "train", crop_size=CROP, train=True, seed=0)
+    with pytest.raises(Exception, match=r"row 'bad/1' in shard \S*" + shard + r": cannot decode the input image"):
+        by_id(dataset)
+
+
+def test_streaming_split_shares_the_rows_between_workers(ray_cluster, dataset_uri):
+    dataset = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=5)
+    shards = dataset.streaming_split(2, equal=False)
+    seen: list[list[str]] = [[], []]
+
+    def consume(rank: int) -> None:
+        for batch in shards[rank].iter_batches(batch_format="numpy", batch_size=1):
+            seen[rank].extend(str(row_id) for row_id in batch["id"])
+
+    # A streaming split is consumed by all its readers at once, as Ray Train's workers do.
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"train/{index}" for index in range(len(IMAGE_SIZES["train"])))
+
+
+def test_bad_arguments_are_rejected(ray_cluster, dataset_uri):
+    with pytest.raises(ValueError, match="crop_size"):
+        build_dataset(dataset_uri, "train", crop_size=None, train=True)
+    with pytest.raises(ValueError, match="no split 'test'"):
+        split_rows(dataset_uri, "test")
+    dataset = build_dataset(dataset_uri, "val", crop_size=CROP, train=False)
+    with pytest.raises(ValueError, match="at least batch_size"):
+        next(iter_pairs(dataset, batch_size=4, local_shuffle_buffer_size=2))

@@ -1,0 +1,188 @@
+"""Synthesis: reproducible per seed, measurably degraded, physical models behave physically."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from hdm_model.metrics import psnr
+from hdm_platform.cli.data import data
+from hdm_platform.data.manifest import Manifest
+from hdm_platform.data.synth import (
+    BUILTIN_PHOTOS,
+    add_haze,
+    add_rain,
+    builtin_images,
+    darken,
+    heuristic_depth,
+    load_clean_images,
+    synthesize,
+)
+
+MakePng = Callable[..., bytes]
+
+
+def decoded(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def pair_psnr(row: dict) -> float:
+    def tensor(data: bytes):
+        import torch
+
+        return torch.from_numpy(decoded(data).astype(np.float32) / 255).permute(2, 0, 1)[None]
+
+    return float(psnr(tensor(row["input"]), tensor(row["target"]))[0])
+
+
+def all_rows(uri: str) -> list[dict]:
+    manifest = Manifest.load(uri)
+    return sorted(
+        (row for split in manifest.splits for row in manifest.read_table(split).to_pylist()),
+        key=lambda row: row["id"],
+    )
+
+
+def test_builtin_photos_load_offline_and_motorcycle_has_depth() -> None:
+    images = builtin_images()
+    assert [image.name for image in images] == list(BUILTIN_PHOTOS)
+    assert all(image.pixels.ndim == 3 and image.pixels.shape[2] == 3 for image in images)
+    motorcycle = images[-1]
+    assert motorcycle.depth is not None and motorcycle.depth.shape == motorcycle.pixels.shape[:2]
+    assert np.isfinite(motorcycle.depth).all() and motorcycle.depth.min() == 0 and motorcycle.depth.max() == 1
+
+
+@pytest.mark.parametrize(("task", "low", "high"), [("dehaze", 6, 25), ("derain", 8, 30), ("lowlight", 5, 20)])
+def test_same_seed_gives_identical_bytes_and_pairs_are_degraded(
+    tmp_path: Path, task: str, low: float, high: float
+) -> None:
+    options = {
+        "task": task,
+        "count": 4,
+        "size": (48, 40),
+        "val_fraction": 0.25,
+        "workers": 2,
+        "progress": False,
+    }
+    synthesize("builtin", str(tmp_path / "a"), seed=3, **options)
+    synthesize("builtin", str(tmp_path / "b"), seed=3, **options)
+    synthesize("builtin", str(tmp_path / "c"), seed=4, **options)
+    first, second, other = (
+        all_rows(str(tmp_path / "a")),
+        all_rows(str(tmp_path / "b")),
+        all_rows(str(tmp_path / "c")),
+    )
+    assert [(r["id"], r["split"], r["input"], r["target"]) for r in first] == [
+        (r["id"], r["split"], r["input"], r["target"]) for r in second
+    ]
+    assert [r["input"] for r in first] != [r["input"] for r in other]
+    for row in first:
+        assert (row["width"], row["height"], row["input_format"], row["target_format"]) == (
+            48,
+            40,
+            "PNG",
+            "PNG",
+        )
+        assert decoded(row["input"]).shape == decoded(row["target"]).shape == (40, 48, 3)
+        assert low < pair_psnr(row) < high, (row["id"], pair_psnr(row))
+
+
+def test_haze_follows_the_scattering_model_and_uses_depth() -> None:
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0.0, 0.5, (32, 64, 3))
+    depth = np.zeros((32, 64), dtype=np.float32)
+    depth[:, 32:] = 1.0
+    hazy = add_haze(clean, np.random.default_rng(1), depth)
+    np.testing.assert_allclose(hazy[:, :32], clean[:, :32])  # t = 1 at zero depth
+    far_gap = np.abs(hazy[:, 32:] - clean[:, 32:]).mean()
+    assert far_gap > 0.1 and hazy[:, 32:].std() < clean[:, 32:].std()  # contrast lost far away
+
+
+def test_heuristic_depth_is_far_at_the_top_and_in_bright_colourless_regions() -> None:
+    image = np.full((64, 64, 3), 0.2)
+    image[:, 40:] = 0.95  # a bright, grey region (sky, a white wall)
+    depth = heuristic_depth(image)
+    assert depth.shape == (64, 64) and depth.min() >= 0 and depth.max() <= 1
+    assert depth[2, 10] > depth[60, 10]
+    assert depth[32, 60] > depth[32, 4]
+
+
+def test_rain_only_brightens_and_darkening_reduces_brightness() -> None:
+    clean = np.full((64, 64, 3), 0.4)
+    rainy = add_rain(clean, np.random.default_rng(0))
+    assert (rainy >= clean - 1e-12).all() and (rainy > clean + 0.05).mean() > 0.01
+    dark = darken(clean, np.random.default_rng(0))
+    assert dark.mean() < 0.2 and dark.std() > 0.001  # darker and noisy
+
+
+def test_folder_source_reads_depth_beside_images(tmp_path: Path, make_png: MakePng) -> None:
+    make_png(tmp_path / "src/scene.png", width=20, height=10)
+    make_png(tmp_path / "src/plain.png", width=20, height=10, seed=1)
+    depth = np.tile(np.linspace(0, 60000, 20, dtype=np.uint16), (10, 1))
+    (tmp_path / "src/depth").mkdir()
+    Image.fromarray(depth).save(tmp_path / "src/depth/scene.png")
+    images = {image.name: image for image in load_clean_images(str(tmp_path / "src"))}
+    assert set(images) == {"scene", "plain"}
+    assert images["plain"].depth is None
+    assert images["scene"].depth[0, 0] == 0 and images["scene"].depth[0, -1] == 1
+    result = synthesize(
+        str(tmp_path / "src"), str(tmp_path / "out"), task="dehaze", count=3, size=None, progress=False
+    )
+    assert result.pairs == 3
+    rows = all_rows(str(tmp_path / "out"))
+    assert {row["source_target"] for row in rows} == {
+        str(tmp_path / "src/scene.png"),
+        str(tmp_path / "src/plain.png"),
+    }
+    assert all((row["width"], row["height"]) == (20, 10) for row in rows)
+
+
+def test_synth_rerun_is_a_noop_and_bad_arguments_are_rejected(tmp_path: Path) -> None:
+    first = synthesize("builtin", str(tmp_path / "ds"), task="derain", count=2, size=(16, 16), progress=False)
+    again = synthesize("builtin", str(tmp_path / "ds"), task="derain", count=2, size=(16, 16), progress=False)
+    assert again.unchanged and again.manifest.generation == first.manifest.generation
+    with pytest.raises(ValueError, match="unknown task 'fog'"):
+        synthesize("builtin", str(tmp_path / "x"), task="fog", count=1)
+    with pytest.raises(ValueError, match="sum below 1"):
+        synthesize(
+            "builtin", str(tmp_path / "x"), task="dehaze", count=1, val_fraction=0.6, test_fraction=0.5
+        )
+
+
+def test_cli_synth_with_splits(tmp_path: Path) -> None:
+    dest = str(tmp_path / "ds")
+    result = CliRunner().invoke(
+        data,
+        [
+            "synth",
+            "--task",
+            "lowlight",
+            "--count",
+            "12",
+            "--seed",
+            "1",
+            "--size",
+            "24x16",
+            "--val-fraction",
+            "0.3",
+            "--test-fraction",
+            "0.3",
+            "--no-progress",
+            "builtin",
+            dest,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "synthesised 12 pairs" in result.output
+    manifest = Manifest.load(dest)
+    assert (manifest.task, manifest.layout, manifest.rows) == ("lowlight", "synth", 12)
+    assert set(manifest.splits) == {"train", "val", "test"}
+    bad = CliRunner().invoke(data, ["synth", "--task", "dehaze", "--size", "0x3", "builtin", dest])
+    assert bad.exit_code == 2 and "is not a size" in bad.output

@@ -1,0 +1,107 @@
+"""MLflow tracking and registry against a real ``mlflow server`` process on loopback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow_fixtures import mlflow_server  # noqa: F401  (pytest fixture)
+
+from hdm_model import build_hdm, variant_config
+from hdm_platform.tracking import (
+    MODEL_FILES,
+    TrackedRun,
+    download_model_files,
+    image_grid,
+    list_versions,
+    load_registered,
+    register_model,
+    registry_client,
+    set_alias,
+)
+
+
+def tiny_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_hdm(variant_config("HDM", channels=16, blocks_per_group=1, num_groups=1)).eval()
+
+
+def test_a_ray_run_name_maps_to_one_mlflow_run(mlflow_server):
+    common = dict(
+        tracking_uri=mlflow_server, experiment="tracking-test", run_name="exp-a", storage_path="/runs"
+    )
+    first = TrackedRun.start_or_resume(**common, tags={"hdm.package_version": "1"})
+    first.log_params({"train.lr": 2e-4, "train.epochs": 2, "model.variant": "HDM"})
+    first.log_metrics({"train/loss": 0.5}, step=1)
+    first.finish(failed=True)
+
+    resumed = TrackedRun.start_or_resume(**common)
+    other = TrackedRun.start_or_resume(**{**common, "run_name": "exp-b"})
+    resumed.log_params({"train.lr": 2e-4, "train.epochs": 4, "train.seed": 0})
+    resumed.log_metrics({"train/loss": 0.25}, step=2)
+
+    assert resumed.run_id == first.run_id
+    assert other.run_id != first.run_id
+    run = resumed.client.get_run(resumed.run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.params == {
+        "train.lr": "0.0002", "train.epochs": "2", "model.variant": "HDM", "train.seed": "0"
+    }  # fmt: skip
+    assert run.data.tags["param_change.train.epochs"] == "4"
+    history = resumed.client.get_metric_history(resumed.run_id, "train/loss")
+    assert [(point.step, point.value) for point in history] == [(1, 0.5), (2, 0.25)]
+
+
+def test_registered_model_reloads_without_extra_files_and_aliases_move(mlflow_server, tmp_path):
+    client = registry_client(mlflow_server)
+    versions = []
+    models = []
+    for seed in (1, 2):
+        model = tiny_model(seed)
+        run = TrackedRun.start_or_resume(
+            tracking_uri=mlflow_server,
+            experiment="registry-test",
+            run_name=f"run-{seed}",
+            storage_path="/runs",
+        )
+        source = run.log_model(model, metadata={"task": "dehaze"}, metrics={"val/psnr": 20.0 + seed})
+        version = register_model(
+            client, name="hdm-test", source=source, run_id=run.run_id, alias="challenger"
+        )
+        run.finish()
+        versions.append(version)
+        models.append(model)
+
+    assert [v.version for v in list_versions(client, "hdm-test")] == ["2", "1"]
+    assert client.get_model_version_by_alias("hdm-test", "challenger").version == "2"
+    set_alias(client, name="hdm-test", version=1, alias="champion")
+    set_alias(client, name="hdm-test", version=2, alias="champion")
+    assert client.get_model_version_by_alias("hdm-test", "champion").version == "2"
+    set_alias(client, name="hdm-test", version=1, alias="champion")
+
+    folder, version = download_model_files(
+        "models:/hdm-test@champion", tmp_path / "download", tracking_uri=mlflow_server
+    )
+    assert version.version == "1"
+    assert sorted(path.name for path in folder.iterdir()) == sorted(MODEL_FILES)
+
+    image = torch.rand(1, 3, 20, 28)
+    loaded = load_registered("models:/hdm-test@champion", tracking_uri=mlflow_server)
+    by_number = load_registered("models:/hdm-test/2", tracking_uri=mlflow_server)
+    with torch.inference_mode():
+        assert torch.equal(loaded(image), models[0](image))
+        assert torch.equal(by_number(image), models[1](image))
+
+    with pytest.raises(ValueError, match="no version 7"):
+        set_alias(client, name="hdm-test", version=7, alias="champion")
+    with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
+        load_registered("models:/hdm-test", tracking_uri=mlflow_server)
+    with pytest.raises(ValueError, match="hdm-test@nobody"):
+        load_registered("models:/hdm-test@nobody", tracking_uri=mlflow_server)
+
+
+def test_image_grid_has_one_row_per_image_and_three_columns():
+    inputs, outputs, targets = (torch.rand(2, 3, 10, 12) for _ in range(3))
+    grid = image_grid(inputs, outputs, targets)
+    # make_grid pads 2 pixels around every tile.
+    assert grid.size == (3 * 12 + 4 * 2, 2 * 10 + 3 * 2)
+    assert grid.mode == "RGB"

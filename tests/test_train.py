@@ -1,0 +1,207 @@
+"""Distributed training end to end: 2 DDP workers on CPU, shards and checkpoints in S3 (moto on
+loopback), tracked and registered by an ``mlflow server`` process on loopback.
+
+Two fits share one run name: the first stops early (``max_steps``), the second resumes it by
+name, loses worker 1 to a crash mid-epoch, is restarted by Ray Train from the latest
+checkpoint, finishes, and registers the EMA model, which reloads from the registry.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+import boto3
+import fsspec
+import pytest
+import ray
+import torch
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from mlflow_fixtures import mlflow_server  # noqa: F401  (pytest fixture)
+from safetensors.torch import save_file
+from torchvision.models.vgg import cfgs, make_layers
+
+from hdm_model import load_checkpoint
+from hdm_platform.cli.train import train as train_command
+from hdm_platform.config import ConfigError, validate_config
+from hdm_platform.data.synth import synthesize
+from hdm_platform.tracking import load_registered
+from hdm_platform.train.checkpoints import exported_model_dir
+from hdm_platform.train.driver import fit, preflight
+from hdm_platform.train.loop import FaultInjection, resolve_precision
+
+REGISTERED = "hdm-train-test"
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint):
+    name = f"hdm-train-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def dataset(bucket):
+    # 40x40 pairs cropped at 40 without augmentation: every epoch sees the same pixels.
+    result = synthesize(
+        "builtin", f"{bucket}/ds", task="dehaze", count=20, size=(40, 40), val_fraction=0.2,
+        workers=1, progress=False,
+    )  # fmt: skip
+    assert result.manifest.splits["val"].rows >= 2
+    return f"{bucket}/ds"
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_endpoint):
+    # After s3_endpoint: the Ray workers inherit its AWS_* variables.
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def experiment(dataset_uri: str, storage: str, tracking_uri: str, **train: object) -> dict:
+    return {
+        "name": "ddp-test",
+        "task": "dehaze",
+        "model": {"variant": "HDM", "channels": 16, "num_groups": 1, "blocks_per_group": 1},
+        "data": {"uri": dataset_uri, "crop_size": 40, "augment": False, "shuffle_buffer_size": 0},
+        "loss": {"perceptual_weight": 0},
+        "train": {
+            "epochs": 2, "batch_size": 4, "lr": 2e-3, "ema_decay": 0.5, "grad_clip_norm": 1.0,
+            "log_every_steps": 1, "logged_val_images": 2, "keep_checkpoints": 1, **train,
+        },
+        "scaling": {"num_workers": 2},
+        "run": {"storage_path": storage, "max_failures": 1},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "train-test", "registered_model": REGISTERED},
+    }  # fmt: skip
+
+
+def last_value_per_step(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    # A restarted worker group re-logs the steps after its checkpoint; the later value wins.
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {point.step: point.value for point in history}
+
+
+def test_stop_resume_crash_restart_register_reload(
+    local_ray, dataset, bucket, s3_endpoint, mlflow_server, tmp_path
+):
+    storage = f"{bucket}/runs"
+    raw = experiment(dataset, storage, mlflow_server)
+    steps_per_epoch = preflight(validate_config(raw))
+    assert steps_per_epoch >= 3
+
+    first = fit(validate_config(experiment(dataset, storage, mlflow_server, max_steps=steps_per_epoch - 1)))
+    marker = tmp_path / "crashed"
+    second = fit(
+        validate_config(raw),
+        fault_injection=FaultInjection(rank=1, step=steps_per_epoch + 2, marker=str(marker)),
+    )
+
+    # One MLflow run across the stop, the resume and the worker restart.
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("train-test").experiment_id])
+    assert [run.info.run_id for run in runs] == [first.mlflow_run_id] == [second.mlflow_run_id]
+    assert runs[0].info.status == "FINISHED"
+    run_id = first.mlflow_run_id
+    assert marker.exists(), "the fault injection did not fire"
+
+    # Resumed at the step the first fit stopped at, restarted from the epoch-end checkpoint.
+    resumed = last_value_per_step(client, run_id, "resumed_from_step")
+    assert resumed == {steps_per_epoch - 1: steps_per_epoch - 1, steps_per_epoch: steps_per_epoch}
+    assert first.metrics["step"] == steps_per_epoch - 1
+    assert second.metrics["step"] == 2 * steps_per_epoch
+
+    # The cosine runs over the planned 2 epochs; stopping early did not shorten it.
+    lr = last_value_per_step(client, run_id, "lr")
+    total = 2 * steps_per_epoch
+    for step in (1, steps_per_epoch - 1, steps_per_epoch + 1, total):
+        assert lr[step] == pytest.approx(2e-3 * (1 + math.cos(math.pi * step / total)) / 2, abs=1e-9)
+
+    # The loss falls on the fixed data set: second epoch below the first.
+    loss = last_value_per_step(client, run_id, "train_loss")
+    assert sorted(loss) == list(range(1, total + 1))
+    epoch_means = [
+        sum(loss[step] for step in range(1 + e * steps_per_epoch, 1 + (e + 1) * steps_per_epoch))
+        / steps_per_epoch
+        for e in range(2)
+    ]
+    assert epoch_means[1] < epoch_means[0]
+
+    val_psnr = last_value_per_step(client, run_id, "val_psnr")
+    assert set(val_psnr) == {steps_per_epoch - 1, steps_per_epoch, total}
+    images = {info.path for info in client.list_artifacts(run_id, "images")}
+    assert f"images/val-step-{total:08d}.png" in images
+
+    # Checkpoints in S3: the best one by val PSNR and the latest are kept (keep_checkpoints=1).
+    s3 = fsspec.filesystem("s3", endpoint_url=s3_endpoint, skip_instance_cache=True)
+    kept = sorted(Path(p).name for p in s3.ls(f"{storage.removeprefix('s3://')}/ddp-test") if "checkpoint-step" in p)
+    assert f"checkpoint-step-{total:08d}" in kept and 1 <= len(kept) <= 2
+    assert second.checkpoint_path.endswith(f"checkpoint-step-{total:08d}")
+
+    # Each fit registered its final model; the alias follows the newest.
+    assert (first.registered_version, second.registered_version) == ("1", "2")
+    assert client.get_model_version_by_alias(REGISTERED, "challenger").version == "2"
+
+    # The registered model is the checkpoint's exported (EMA) model, bit for bit.
+    local = tmp_path / "checkpoint"
+    s3.get(f"{second.checkpoint_path.removeprefix('s3://')}/model", str(local), recursive=True)
+    from_checkpoint = load_checkpoint(local)
+    from_registry = load_registered(f"models:/{REGISTERED}@challenger", tracking_uri=mlflow_server)
+    image = torch.rand(1, 3, 36, 44)
+    with torch.inference_mode():
+        assert torch.equal(from_registry(image), from_checkpoint(image))
+    assert from_checkpoint.config.channels == 16
+
+
+def test_bad_config_is_rejected_before_ray_starts(tmp_path, monkeypatch):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init was called for a bad config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: bad\ntask: dehaze\ndata: {uri: /nonexistent}\n")
+    runner = CliRunner()
+    result = runner.invoke(train_command, ["--config", str(config), "--set", "train.lr=-1"])
+    assert result.exit_code != 0
+    assert "train.lr" in result.output
+    result = runner.invoke(train_command, ["--config", str(config), "--set", "train.betas=[1]"])
+    assert result.exit_code != 0 and "train.betas" in result.output
+    # The default recipe has a perceptual term, so VGG weights are required.
+    result = runner.invoke(train_command, ["--config", str(config)])
+    assert result.exit_code != 0 and "loss.vgg_weights" in result.output
+    result = runner.invoke(train_command, ["--config", str(config), "--set", "loss.perceptual_weight=0"])
+    assert result.exit_code != 0 and "data.uri" in result.output
+
+
+def test_preflight_names_the_field(tmp_path):
+    synthesize("builtin", str(tmp_path / "ds"), task="dehaze", count=6, size=(16, 16),
+               val_fraction=0.3, workers=1, progress=False)  # fmt: skip
+    base = {"name": "p", "task": "dehaze", "data": {"uri": str(tmp_path / "ds"), "crop_size": 16},
+            "loss": {"perceptual_weight": 0}, "scaling": {"num_workers": 2}}  # fmt: skip
+
+    def check(**sections: dict) -> int:
+        raw = {**base, **{key: {**base.get(key, {}), **value} for key, value in sections.items()}}
+        return preflight(validate_config(raw))
+
+    with pytest.raises(ConfigError, match="train.batch_size .* multiple of scaling.num_workers"):
+        check(train={"batch_size": 3})
+    with pytest.raises(ConfigError, match="train.batch_size: .* do not fill one batch"):
+        check(train={"batch_size": 16})
+    with pytest.raises(ConfigError, match="data.val_split"):
+        check(train={"batch_size": 2}, data={"val_split": "test"})
+    with pytest.raises(ConfigError, match="loss.vgg_weights"):
+        check(train={"batch_size": 2}, loss={"perceptual_weight": 0.1, "vgg_weights": str(tmp_path / "no.pth")})
+    # A random VGG16 saved to tmp stands in for the ImageNet weights.
+    features = make_layers(cfgs["D"])[:16]
+    vgg = tmp_path / "vgg16.safetensors"
+    save_file({f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}, str(vgg))
+    assert check(train={"batch_size": 2}, loss={"perceptual_weight": 0.1, "vgg_weights": str(vgg)}) >= 1
+
+
+def test_auto_precision_is_fp32_on_cpu():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="train.precision"):
+        resolve_precision("fp16", torch.device("cpu"))
