@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["HDMConfig", "CASCADE_ORDERS", "MASK_SOURCES", "DCP_MASK_MODES"]
+__all__ = ["HDMConfig", "CASCADE_ORDERS", "MASK_SOURCES", "DCP_MASK_MODES", "field_names"]
 
 CASCADE_ORDERS = ("PSR", "PRS", "SRP", "SPR", "RPS", "RSP")
 MASK_SOURCES = ("dcp", "learned", "external")

@@ -76,7 +76,7 @@ def load_vgg16_features(path: str | Path, *, last_layer: str = "relu3_3") -> nn.
     with torch.device("meta"):
         features = vgg16(weights=None).features[: VGG16_LAYERS[last_layer] + 1]
     wanted = {name: f"features.{name}" for name in features.state_dict()}
-    missing = sorted(key for key in wanted.values() if key not in state)
+    missing = sorted(key for key in wanted.values() if not isinstance(state.get(key), Tensor))
     if missing:
         raise ValueError(
             f"{path} lacks VGG16 tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}. "

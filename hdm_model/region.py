@@ -10,7 +10,6 @@ features by a 3x3 guide conv as in DRConv (HDM-F).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -123,6 +123,11 @@ def test_enhance_reports_bad_checkpoints_and_options(tmp_path):
     runner = CliRunner()
     missing = runner.invoke(main, ["enhance", str(source), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "cannot load checkpoint" in missing.output and "config.json" in missing.output
+    external = save_checkpoint(
+        hdm(blocks_per_group=1, num_groups=1, channels=8, mask_source="external"), tmp_path / "external"
+    )
+    guided = runner.invoke(main, ["enhance", str(source), "-o", str(tmp_path / "o"), "--checkpoint", str(external)])
+    assert guided.exit_code == 1 and "external guide map" in guided.output
     bad_tile = runner.invoke(main, ["enhance", str(source), "-o", str(tmp_path / "o"), "--checkpoint", "dcp", "--tile", "30"])
     assert bad_tile.exit_code == 2 and "multiple of 4" in bad_tile.output
     overlap = runner.invoke(main, ["enhance", str(source), "-o", str(tmp_path / "o"), "--checkpoint", "dcp", "--tile", "32"])

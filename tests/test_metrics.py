@@ -17,7 +17,7 @@ from hdm_model.metrics import image_metrics, psnr, quantize, rgb_to_y, ssim
 SOTS = Path("/work/shared/data/realworld/dehaze/SOTS-indoor")
 # Metrics run in float32 (ten times faster convolutions than float64); scikit-image in
 # float64. Benchmarks report SSIM to 3 decimals, PSNR to 2.
-TOLERANCE = {"psnr": 1e-4, "psnr_y": 1e-4, "ssim": 3e-5, "ssim_y": 3e-5}
+TOLERANCE = {"psnr": 1e-4, "psnr_y": 1e-4, "ssim": 1e-4, "ssim_y": 1e-4}
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -69,11 +69,20 @@ def write_dataset(uri: str, rows: list[Row], *, shard_size: int = 1) -> Manifest
         for row in rows:
             writer.add(row)
         return writer.commit(
-            name="pipeline-test", task="dehaze", layout="test", paired=True, source="generated", fingerprint="0" * 64
+            name="pipeline-test",
+            task="dehaze",
+            layout="test",
+            paired=True,
+            source="generated",
+            fingerprint="0" * 64,
         )
 
 
-IMAGE_SIZES = {"train": [(40, 36), (48, 40), (36, 44), (44, 48), (40, 40), (12, 10)], "val": [(24, 20), (30, 26), (20, 28)]}
+# (width, height); train/5 is smaller than the crop.
+IMAGE_SIZES = {
+    "train": [(40, 36), (48, 40), (36, 44), (44, 48), (40, 40), (12, 10)],
+    "val": [(24, 20), (30, 26), (20, 28)],
+}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +170,8 @@ def test_pair_transform_errors_name_the_row_and_shard():
     good = coordinate_image(20, 20, 0)
     truncated = pair_row("bad/1", "train", good, input_bytes=png(good)[:60])
     transform = PairTransform(crop_size=CROP, random_crop=True, augment=True, seed=0)
-    with pytest.raises(CorruptPairError, match=r"row 'bad/1' in shard /data/shards/train-g-00001.parquet: cannot decode the input"):
+    message = r"row 'bad/1' in shard /data/shards/train-g-00001.parquet: cannot decode the input image"
+    with pytest.raises(CorruptPairError, match=message):
         transform(transform_batch([pair_row("ok/0", "train", good), truncated]))
     mismatched = dataclasses.replace(pair_row("odd/0", "train", good), target=png(coordinate_image(20, 24, 0)))
     with pytest.raises(CorruptPairError, match=r"row 'odd/0' .*input is 20x20 but target is 20x24"):
@@ -241,23 +251,29 @@ def test_corrupt_row_error_names_the_row_and_shard(ray_cluster, tmp_path):
         by_id(dataset)
 
 
-def test_streaming_split_shares_the_rows_between_workers(ray_cluster, dataset_uri):
+def test_streaming_split_shares_the_rows_between_workers_every_epoch(ray_cluster, dataset_uri):
     dataset = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=5)
     shards = dataset.streaming_split(2, equal=False)
-    seen: list[list[str]] = [[], []]
+    all_ids = sorted(f"train/{index}" for index in range(len(IMAGE_SIZES["train"])))
+    epochs = []
+    for _ in range(2):
+        seen: list[dict[str, np.ndarray]] = [{}, {}]
 
-    def consume(rank: int) -> None:
-        for batch in shards[rank].iter_batches(batch_format="numpy", batch_size=1):
-            seen[rank].extend(str(row_id) for row_id in batch["id"])
+        def consume(rank: int) -> None:
+            for batch in shards[rank].iter_batches(batch_format="numpy", batch_size=1):
+                seen[rank].update(zip(map(str, batch["id"]), batch["input"], strict=True))
 
-    # A streaming split is consumed by all its readers at once, as Ray Train's workers do.
-    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(f"train/{index}" for index in range(len(IMAGE_SIZES["train"])))
+        # A streaming split is consumed by all its readers at once, as Ray Train's workers do.
+        threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted([*seen[0], *seen[1]]) == all_ids
+        epochs.append(seen[0] | seen[1])
+    # Each epoch of the split is a new execution, so the augmentation moves on.
+    assert sum(not np.array_equal(epochs[0][row_id], epochs[1][row_id]) for row_id in all_ids) >= 4
 
 
 def test_bad_arguments_are_rejected(ray_cluster, dataset_uri):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 from mlflow_fixtures import mlflow_server  # noqa: F401  (pytest fixture)
 
 from hdm_model import build_hdm, variant_config
+from hdm_platform.cli.train import models as models_command
 from hdm_platform.tracking import (
     MODEL_FILES,
     TrackedRun,
@@ -65,38 +67,43 @@ def test_registered_model_reloads_without_extra_files_and_aliases_move(mlflow_se
         )
         source = run.log_model(model, metadata={"task": "dehaze"}, metrics={"val/psnr": 20.0 + seed})
         version = register_model(
-            client, name="hdm-test", source=source, run_id=run.run_id, alias="challenger"
+            client, name="hdm-dehaze", source=source, run_id=run.run_id, alias="challenger"
         )
         run.finish()
         versions.append(version)
         models.append(model)
 
-    assert [v.version for v in list_versions(client, "hdm-test")] == ["2", "1"]
-    assert client.get_model_version_by_alias("hdm-test", "challenger").version == "2"
-    set_alias(client, name="hdm-test", version=1, alias="champion")
-    set_alias(client, name="hdm-test", version=2, alias="champion")
-    assert client.get_model_version_by_alias("hdm-test", "champion").version == "2"
-    set_alias(client, name="hdm-test", version=1, alias="champion")
+    assert [v.version for v in list_versions(client, "hdm-dehaze")] == ["2", "1"]
+    assert client.get_model_version_by_alias("hdm-dehaze", "challenger").version == "2"
+    set_alias(client, name="hdm-dehaze", version=2, alias="champion")
+    runner = CliRunner()
+    promoted = runner.invoke(models_command, ["promote", "dehaze", "1", "--tracking-uri", mlflow_server])
+    assert promoted.exit_code == 0, promoted.output
+    assert "hdm-dehaze@champion -> version 1" in promoted.output
+    assert client.get_model_version_by_alias("hdm-dehaze", "champion").version == "1"
+    listed = runner.invoke(models_command, ["list", "dehaze", "--tracking-uri", mlflow_server])
+    assert listed.output.splitlines()[0].startswith("hdm-dehaze v2  aliases=challenger")
+    assert listed.output.splitlines()[1].startswith("hdm-dehaze v1  aliases=champion")
+    missing = runner.invoke(models_command, ["promote", "dehaze", "9", "--tracking-uri", mlflow_server])
+    assert missing.exit_code != 0 and "no version 9" in missing.output
 
     folder, version = download_model_files(
-        "models:/hdm-test@champion", tmp_path / "download", tracking_uri=mlflow_server
+        "models:/hdm-dehaze@champion", tmp_path / "download", tracking_uri=mlflow_server
     )
     assert version.version == "1"
     assert sorted(path.name for path in folder.iterdir()) == sorted(MODEL_FILES)
 
     image = torch.rand(1, 3, 20, 28)
-    loaded = load_registered("models:/hdm-test@champion", tracking_uri=mlflow_server)
-    by_number = load_registered("models:/hdm-test/2", tracking_uri=mlflow_server)
+    loaded = load_registered("models:/hdm-dehaze@champion", tracking_uri=mlflow_server)
+    by_number = load_registered("models:/hdm-dehaze/2", tracking_uri=mlflow_server)
     with torch.inference_mode():
         assert torch.equal(loaded(image), models[0](image))
         assert torch.equal(by_number(image), models[1](image))
 
-    with pytest.raises(ValueError, match="no version 7"):
-        set_alias(client, name="hdm-test", version=7, alias="champion")
     with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
-        load_registered("models:/hdm-test", tracking_uri=mlflow_server)
-    with pytest.raises(ValueError, match="hdm-test@nobody"):
-        load_registered("models:/hdm-test@nobody", tracking_uri=mlflow_server)
+        load_registered("models:/hdm-dehaze", tracking_uri=mlflow_server)
+    with pytest.raises(ValueError, match="hdm-dehaze@nobody"):
+        load_registered("models:/hdm-dehaze@nobody", tracking_uri=mlflow_server)
 
 
 def test_image_grid_has_one_row_per_image_and_three_columns():

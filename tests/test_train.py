@@ -92,7 +92,9 @@ def test_stop_resume_crash_restart_register_reload(
     steps_per_epoch = preflight(validate_config(raw))
     assert steps_per_epoch >= 3
 
-    first = fit(validate_config(experiment(dataset, storage, mlflow_server, max_steps=steps_per_epoch - 1)))
+    # The first fit also exercises bfloat16 autocast (with the deformable conv kept in fp32).
+    stopped_early = experiment(dataset, storage, mlflow_server, max_steps=steps_per_epoch - 1, precision="bf16")
+    first = fit(validate_config(stopped_early))
     marker = tmp_path / "crashed"
     second = fit(
         validate_config(raw),

@@ -8,6 +8,8 @@ from hdm_platform import __version__
 from hdm_platform.cli.data import data
 from hdm_platform.cli.enhance import enhance, explain
 from hdm_platform.cli.model import model
+from hdm_platform.cli.submit import submit
+from hdm_platform.cli.train import evaluate, models, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -20,3 +22,7 @@ main.add_command(model)
 main.add_command(enhance)
 main.add_command(explain)
 main.add_command(data)
+main.add_command(train)
+main.add_command(evaluate)
+main.add_command(models)
+main.add_command(submit)

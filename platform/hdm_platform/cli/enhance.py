@@ -92,6 +92,11 @@ def _build_enhancer(
         model = prepare_for_inference(load_checkpoint(checkpoint, device=device), device=device)
     except (OSError, ValueError) as error:
         raise click.ClickException(f"cannot load checkpoint {checkpoint}: {error}") from error
+    if model.config.mask_source == "external":
+        raise click.ClickException(
+            f"checkpoint {checkpoint} needs an external guide map (mask_source 'external'), "
+            "which 'hdm enhance' does not take"
+        )
 
     def run(batch: Tensor) -> Tensor:
         pixels = batch.shape[-2] * batch.shape[-1]
@@ -172,7 +177,7 @@ def enhance(
     device: str | None,
     output_format: str,
 ) -> None:
-    """Enhance image files, or the images in folders, with a trained HDM checkpoint.
+    """Enhance image files, or the images in folders, with an HDM checkpoint or classic DCP.
 
     A file that cannot be read or enhanced is reported and skipped; the exit status is 1
     when any file failed.

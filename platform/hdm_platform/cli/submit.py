@@ -243,7 +243,8 @@ def _job_command(name: str, entry: JobEntryPoint) -> click.Command:
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override.")
     @click.option(
         "--address",
-        envvar="RAY_ADDRESS",
+        # Ray's own precedence for the job server address (as in `ray job submit`).
+        envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
         default=DEFAULT_ADDRESS,
         show_default=True,
         show_envvar=True,
@@ -256,7 +257,7 @@ def _job_command(name: str, entry: JobEntryPoint) -> click.Command:
         default=None,
         help="Checkout to ship as the working directory [default: found from the cwd].",
     )
-    @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED)
+    @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- SCRIPT_ARGS...]")
     def command(
         config_path: str,
         overrides: tuple[str, ...],
@@ -301,7 +302,7 @@ def _job_command(name: str, entry: JobEntryPoint) -> click.Command:
 
 @click.group(name="submit")
 def submit() -> None:
-    """Submit an experiment to a Ray cluster (dashboard URL from --address or RAY_ADDRESS)."""
+    """Run an experiment's job on a Ray cluster through the Ray Jobs API."""
 
 
 for _name, _entry in JOB_ENTRY_POINTS.items():

@@ -34,26 +34,26 @@ a full-size patch whose content stays aligned across the pair.
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow.fs
 import ray.data
 import torch
-from PIL import Image
-from ray.data import DataContext, FileShuffleConfig
+from ray.data import FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
 
+from hdm_platform.data.augment import PATH_COLUMN, CorruptPairError, PairTransform, decode_rgb
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.storage import open_filesystem
 
 __all__ = [
     "CorruptPairError",
+    "DEFAULT_DECODE_BATCH_SIZE",
     "PairTransform",
     "build_dataset",
     "decode_rgb",
@@ -67,147 +67,26 @@ __all__ = [
 DEFAULT_DECODE_BATCH_SIZE = 8
 
 _SOURCE_COLUMNS = ["id", "input", "target"]
-# Set by read_parquet(include_paths=True): which shard a row came from, for error messages.
-_PATH_COLUMN = "path"
+
+# Ray's Parquet reader starts this many footer-reading actors on every pass over the data
+# (default 32, sized for listing thousands of files on a cluster). A manifest names a few
+# shards, and on a laptop 32 actor start-ups cost seconds per epoch; one actor reads
+# footers with 128 concurrent requests. An operator's own setting of the variable wins.
+_FOOTER_READERS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_FOOTER_READERS = 1
 
 
-class CorruptPairError(ValueError):
-    """A row whose images cannot be decoded or do not form a pair; names the row and shard."""
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode an encoded image file into 8-bit RGB, ``[H, W, 3]`` uint8.
-
-    Greyscale, palette and alpha images are converted to RGB (alpha dropped) by PIL,
-    so every dataset feeds the network three 8-bit channels.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def _row_generator(seed: int | None, epoch: int, row_id: str) -> np.random.Generator:
-    if seed is None:
-        return np.random.default_rng()
-    # A stable digest rather than hash(): Python salts str hashes per process.
-    row_key = int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, epoch, row_key])
-
-
-def _reflect_pad_to(image: np.ndarray, size: int) -> np.ndarray:
-    """Reflect-pad ``[H, W, C]`` up to at least ``size`` on both axes, centred."""
-    pad_h = max(size - image.shape[0], 0)
-    pad_w = max(size - image.shape[1], 0)
-    if pad_h == 0 and pad_w == 0:
-        return image
-    padding = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
-    return np.pad(image, padding, mode="reflect")
-
-
-@dataclass(frozen=True)
-class PairTransform:
-    """Decode one batch of Parquet rows and crop/augment each pair identically.
-
-    The ``map_batches`` function of :func:`build_dataset` (numpy batch format, runs in
-    Ray tasks on CPU workers).
-
-    Args:
-        crop_size: Side of the square patch; ``None`` keeps full images (validation only).
-        random_crop: Random crop position (training) instead of the centre (validation).
-        augment: Random horizontal flip, vertical flip and transpose (90-degree
-            rotation) of each patch; together they reach all eight symmetries of the square.
-        seed: Base seed of the per-row generators; ``None`` draws from fresh entropy.
-    """
-
-    crop_size: int | None
-    random_crop: bool
-    augment: bool
-    seed: int | None
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Ray Data's execution index of this dataset: the number of completed passes.
-        epoch = DataContext.get_current()._execution_idx
-        pairs = [
-            self._pair(row_id, input_bytes, target_bytes, shard, epoch)
-            for row_id, input_bytes, target_bytes, shard in zip(
-                batch["id"], batch["input"], batch["target"], batch[_PATH_COLUMN], strict=True
-            )
-        ]
-        return {
-            "id": batch["id"],
-            "input": self._stack([source for source, _ in pairs]),
-            "target": self._stack([target for _, target in pairs]),
-        }
-
-    def _pair(
-        self, row_id: str, input_bytes: bytes | None, target_bytes: bytes | None, shard: str, epoch: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        where = f"row {row_id!r} in shard {shard}"
-        if input_bytes is None or target_bytes is None:
-            missing = "input" if input_bytes is None else "target"
-            raise CorruptPairError(f"{where}: no {missing} image (unpaired rows cannot be trained on)")
-        source = self._decode(input_bytes, "input", where)
-        target = self._decode(target_bytes, "target", where)
-        if source.shape != target.shape:
-            raise CorruptPairError(
-                f"{where}: input is {source.shape[1]}x{source.shape[0]} but target is "
-                f"{target.shape[1]}x{target.shape[0]}; a pair must have one size"
-            )
-        rng = _row_generator(self.seed, epoch, row_id)
-        source, target = self._crop(source, target, rng)
-        if self.augment:
-            source, target = self._flip_and_rotate(source, target, rng)
-        return source, target
-
-    @staticmethod
-    def _decode(data: bytes, field: str, where: str) -> np.ndarray:
-        try:
-            return decode_rgb(data)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise CorruptPairError(f"{where}: cannot decode the {field} image: {error}") from error
-
-    def _crop(
-        self, source: np.ndarray, target: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if self.crop_size is None:
-            return source, target
-        size = self.crop_size
-        source, target = _reflect_pad_to(source, size), _reflect_pad_to(target, size)
-        height, width = source.shape[:2]
-        if self.random_crop:
-            top = int(rng.integers(height - size + 1))
-            left = int(rng.integers(width - size + 1))
-        else:
-            top, left = (height - size) // 2, (width - size) // 2
-        window = (slice(top, top + size), slice(left, left + size))
-        return source[window], target[window]
-
-    @staticmethod
-    def _flip_and_rotate(
-        source: np.ndarray, target: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        horizontal, vertical, transpose = rng.random(3) < 0.5
-        if horizontal:
-            source, target = source[:, ::-1], target[:, ::-1]
-        if vertical:
-            source, target = source[::-1], target[::-1]
-        if transpose:
-            source, target = source.transpose(1, 0, 2), target.transpose(1, 0, 2)
-        return source, target
-
-    @staticmethod
-    def _stack(images: list[np.ndarray]) -> np.ndarray:
-        """HWC uint8 images -> float32 CHW in [0, 1]: one array, or a ragged object array."""
-        if len({image.shape for image in images}) == 1:
-            batch = np.empty((len(images), 3, *images[0].shape[:2]), dtype=np.float32)
-            for slot, image in zip(batch, images, strict=True):
-                slot[...] = image.transpose(2, 0, 1)
-            batch *= 1.0 / 255.0
-            return batch
-        # Full-size validation images differ in size; Ray stores them as a
-        # variable-shaped tensor column.
-        ragged = np.empty(len(images), dtype=object)
-        ragged[:] = [image.transpose(2, 0, 1).astype(np.float32) / 255.0 for image in images]
-        return ragged
+@contextlib.contextmanager
+def _footer_readers(count: int) -> Iterator[None]:
+    """Sets Ray's footer-reader count while ``read_parquet`` builds its (pickled) indexer."""
+    if _FOOTER_READERS_VARIABLE in os.environ:
+        yield
+        return
+    os.environ[_FOOTER_READERS_VARIABLE] = str(count)
+    try:
+        yield
+    finally:
+        os.environ.pop(_FOOTER_READERS_VARIABLE, None)
 
 
 def _load_manifest(manifest_uri: str, split: str, storage_options: dict | None) -> Manifest:
@@ -266,12 +145,13 @@ def build_dataset(
     shuffle: FileShuffleConfig | None = None
     if train:
         shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    dataset = ray.data.read_parquet(
-        [filesystem._strip_protocol(uri) for uri in shard_uris],
-        filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem)),
-        shuffle=shuffle,
-        include_paths=True,
-    ).select_columns([*_SOURCE_COLUMNS, _PATH_COLUMN])
+    with _footer_readers(_FOOTER_READERS):
+        dataset = ray.data.read_parquet(
+            [filesystem._strip_protocol(uri) for uri in shard_uris],
+            filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem)),
+            shuffle=shuffle,
+            include_paths=True,
+        ).select_columns([*_SOURCE_COLUMNS, PATH_COLUMN])
     # Parquet reads come in ~128 MiB read units, a whole small dataset in one task; cutting
     # them into blocks of a decode batch lets every CPU decode in parallel, streaming.
     dataset = dataset.repartition(target_num_rows_per_block=decode_batch_size)
@@ -324,7 +204,8 @@ def iter_pairs(
             Ray Train, else the CPU).
         local_shuffle_buffer_size: Rows kept in a shuffle buffer on top of the shuffled
             shard order; at least ``batch_size``; ``None`` or 0 disables it.
-        seed: Seed of the local shuffle buffer.
+        seed: Seed of the local shuffle buffer; pass e.g. ``seed + epoch`` for a new
+            buffer order each epoch.
         drop_last: Drop a final batch smaller than ``batch_size``.
     """
     buffer_size = local_shuffle_buffer_size or None

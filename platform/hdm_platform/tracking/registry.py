@@ -84,9 +84,11 @@ def set_alias(client: MlflowClient, *, name: str, version: int | str, alias: str
 
 
 def list_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
-    """All versions of ``name``, newest first (empty if the model is not registered)."""
-    versions = client.search_model_versions(f"name = '{name}'")
-    return sorted(versions, key=lambda version: int(version.version), reverse=True)
+    """All versions of ``name`` with their aliases, newest first (empty if not registered)."""
+    found = client.search_model_versions(f"name = '{name}'")
+    numbers = sorted((int(version.version) for version in found), reverse=True)
+    # Search results leave out aliases; a version fetched by number carries them.
+    return [client.get_model_version(name, str(number)) for number in numbers]
 
 
 def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
