@@ -6,7 +6,7 @@ the baseline (ratio = DCP PSNR / hazy PSNR). Speed: seconds per 620x460 image of
 float32 tables it used before, and the largest box-filter error of each on a 12-megapixel
 image (the reason for float64).
 
-    python bench/dcp_baseline.py [--data /work/shared/data/realworld/dehaze/SOTS-indoor]
+    python bench/dcp_baseline.py [--data ../shared/data/realworld/dehaze/SOTS-indoor]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def seconds(run: Callable[[], object], repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/realworld/dehaze/SOTS-indoor"))
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/realworld/dehaze/SOTS-indoor")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

@@ -1,13 +1,22 @@
 """Seconds per image of the default HDM (K=7): plain float32 forward vs the fast path.
 
-Baseline: ``model(x)`` under ``torch.no_grad`` on a contiguous tensor (float32, masks
-computed inside). Also shown: ``enhance(...)`` in float32 (inference_mode, channels_last).
-Fast path: ``enhance(..., precision="bf16")`` (inference_mode,
-channels_last, bfloat16 autocast, deformable conv in float32). Also reports the PSNR of
-the fast path against the baseline and the DCP mask time as a share of the forward pass.
-Goals: >= 1.8x faster, >= 40 dB, masks < 5%.
+Baseline: ``model(x)`` under ``torch.no_grad`` on a contiguous tensor (float32, NCHW,
+masks computed inside). Variants, run interleaved (baseline, variant, baseline, ...) so
+that a machine shared with other jobs loads them alike; figures are medians:
 
-    python bench/inference.py [--sizes 256 512] [--repeats 3] [--threads N]
+- ``fp32+CL``: ``enhance`` on ``prepare_for_inference(fold_head=False)``: inference_mode,
+  channels_last.
+- ``fast``: ``enhance(precision="auto")`` on ``prepare_for_inference(...)``: channels_last
+  and the decoder head's last two convs folded into one; "auto" is float32 on CPUs without
+  AMX and bfloat16 on AMX CPUs and CUDA GPUs.
+- ``bf16``: the fast path forced to bfloat16 autocast (deformable conv in float32).
+- ``compiled`` (``--compile``): the fast path under ``torch.compile`` with frozen weights;
+  its one-off compile time is printed.
+
+Also reports the PSNR of each variant's output against the baseline's and the DCP mask
+time as a share of the baseline. Goals: fast >= 1.8x the baseline, >= 40 dB, masks < 5%.
+
+    python bench/inference.py [--sizes 256 512] [--repeats 5] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -22,17 +31,22 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hdm_model import enhance, hdm, prepare_for_inference
+from hdm_model import HDM, enhance, hdm, prepare_for_inference
+from hdm_model.inference import resolve_precision
 
 
-def seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up: oneDNN picks and caches its kernels on the first call
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run, the runs taking turns; one untimed warm-up each (oneDNN
+    picks and caches its kernels on the first call)."""
+    for run in runs.values():
         run()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 def test_image(size: int) -> torch.Tensor:
@@ -43,11 +57,16 @@ def test_image(size: int) -> torch.Tensor:
     return (0.6 * image + 0.4).clamp(0, 1)
 
 
+def psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return 10 * torch.log10(1 / F.mse_loss(output, reference)).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow warm-up)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,38 +78,49 @@ def main() -> None:
         # spreads them over [0, 1] like a trained model's.
         baseline.decoder.head[2].weight.mul_(20)
         baseline.decoder.head[2].bias.fill_(0.55)
+    channels_last = prepare_for_inference(copy.deepcopy(baseline), device="cpu", fold_head=False)
     fast = prepare_for_inference(copy.deepcopy(baseline), device="cpu")
+    variants: dict[str, tuple[HDM, str]] = {
+        "fp32+CL": (channels_last, "fp32"),
+        "fast": (fast, "auto"),
+        "bf16": (fast, "bf16"),
+    }
+    if args.compile:
+        variants["compiled"] = (
+            prepare_for_inference(copy.deepcopy(baseline), device="cpu", compile=True),
+            "auto",
+        )
     print(f"HDM default (K=7, {sum(p.numel() for p in baseline.parameters()):,} parameters, random init)")
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    header = (
-        f"{'size':>9} | {'fp32 s/img':>10} | {'fp32+CL s/img':>13} | {'bf16+CL s/img':>13} | "
-        f"{'bf16 speed-up':>13} | {'bf16 PSNR dB':>12} | {'DCP masks':>9}"
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; precision 'auto' here = {resolve_precision('auto', 'cpu')}"
     )
-    print(header)
-    print("-" * len(header))
     for size in args.sizes:
         image = test_image(size)
         with torch.no_grad():
             reference = baseline(image.contiguous())
-        fast_output = enhance(fast, image, precision="bf16")
-        psnr = 10 * torch.log10(1 / F.mse_loss(fast_output, reference)).item()
+        if args.compile:
+            start = time.perf_counter()
+            enhance(variants["compiled"][0], image)
+            print(f"{size}x{size}: compile + first call {time.perf_counter() - start:.1f} s")
 
         def plain() -> None:
             with torch.no_grad():
                 baseline(image.contiguous())
 
-        plain_seconds = seconds(plain, args.repeats)
-        channels_last_seconds = seconds(lambda: enhance(fast, image), args.repeats)
-        fast_seconds = seconds(lambda: enhance(fast, image, precision="bf16"), args.repeats)
-        mask_seconds = seconds(lambda: baseline.region_masks(image), args.repeats)
-        print(
-            f"{size:>4}x{size:<4} | {plain_seconds:>10.3f} | {channels_last_seconds:>13.3f} | "
-            f"{fast_seconds:>13.3f} | {plain_seconds / fast_seconds:>12.2f}x | {psnr:>12.1f} | "
-            f"{100 * mask_seconds / plain_seconds:>8.1f}%"
-        )
-        print(f"{'':>9}   fp32+CL speed-up over fp32: {plain_seconds / channels_last_seconds:.2f}x")
-    print("DCP masks: share of the fp32 forward pass spent computing the region masks.")
+        runs: dict[str, Callable[[], object]] = {"baseline": plain}
+        for name, (model, precision) in variants.items():
+            runs[name] = lambda model=model, precision=precision: enhance(model, image, precision=precision)
+        runs["DCP masks"] = lambda: baseline.region_masks(image)
+        seconds = interleaved_seconds(runs, args.repeats)
+        print(f"{size}x{size}: baseline fp32 model(x) {seconds['baseline']:.3f} s/img; "
+              f"DCP masks {100 * seconds['DCP masks'] / seconds['baseline']:.1f}% of it")
+        for name, (model, precision) in variants.items():
+            quality = psnr(enhance(model, image, precision=precision), reference)
+            print(
+                f"  {name:>8}: {seconds[name]:.3f} s/img, {seconds['baseline'] / seconds[name]:.2f}x, "
+                f"{quality:.1f} dB vs baseline"
+            )
 
 
 if __name__ == "__main__":

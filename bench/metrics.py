@@ -5,7 +5,7 @@ against. Also shown: the same torchmetrics code in float64, to justify float32.
 Reports seconds for the 5 real SOTS-indoor pairs (620x460) and the largest difference from
 scikit-image for each metric.
 
-    python bench/metrics.py [--data /work/shared/data/realworld/dehaze/SOTS-indoor]
+    python bench/metrics.py [--data ../shared/data/realworld/dehaze/SOTS-indoor]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def timed(run):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/realworld/dehaze/SOTS-indoor"))
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/realworld/dehaze/SOTS-indoor")
     args = parser.parse_args()
     hazy_paths = sorted((args.data / "hazy").glob("*.png"))
     hazy = torch.stack([read_image(path) for path in hazy_paths])

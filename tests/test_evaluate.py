@@ -95,7 +95,8 @@ def test_dcp_baseline_is_logged_to_mlflow(dataset, tmp_path, mlflow_server):
 
 def test_bad_inputs_are_named(dataset, tmp_path):
     runner = CliRunner()
-    missing = runner.invoke(evaluate_command, ["--model", str(tmp_path / "nope"), "--data", dataset, "--no-mlflow"])
+    common = ["--data", dataset, "--no-mlflow"]
+    missing = runner.invoke(evaluate_command, ["--model", str(tmp_path / "nope"), *common])
     assert missing.exit_code != 0 and "nope" in missing.output
-    no_split = runner.invoke(evaluate_command, ["--model", "dcp", "--data", dataset, "--split", "val", "--no-mlflow"])
+    no_split = runner.invoke(evaluate_command, ["--model", "dcp", "--split", "val", *common])
     assert no_split.exit_code != 0 and "'val'" in no_split.output

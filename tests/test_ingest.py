@@ -16,8 +16,9 @@ from hdm_platform.cli.data import data
 from hdm_platform.data.ingest import IngestError, ingest
 from hdm_platform.data.manifest import DatasetNotFoundError, Manifest
 from hdm_platform.data.storage import open_filesystem
+from realworld import REALWORLD
 
-REAL = Path("/work/shared/data/realworld")
+REAL = REALWORLD
 MakePng = Callable[..., bytes]
 
 

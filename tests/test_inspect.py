@@ -12,8 +12,9 @@ from hdm_platform.cli.data import data
 from hdm_platform.data.ingest import ingest
 from hdm_platform.data.inspect import inspect_dataset
 from hdm_platform.data.manifest import DatasetNotFoundError
+from realworld import REALWORLD
 
-REAL = Path("/work/shared/data/realworld")
+REAL = REALWORLD
 
 
 def test_inspect_real_sots_reports_counts_sizes_and_psnr(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from hdm_model import bin_into_regions, compute_dcp_maps, dcp_region_masks
+from realworld import REALWORLD
 
-SOTS_HAZY = Path("/work/shared/data/realworld/dehaze/SOTS-indoor/hazy")
+SOTS_HAZY = REALWORLD / "dehaze" / "SOTS-indoor" / "hazy"
 
 
 def hazy_scene(height: int = 64, width: int = 96) -> torch.Tensor:

@@ -13,8 +13,9 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from hdm_model.metrics import image_metrics, psnr, quantize, rgb_to_y, ssim
+from realworld import REALWORLD
 
-SOTS = Path("/work/shared/data/realworld/dehaze/SOTS-indoor")
+SOTS = REALWORLD / "dehaze" / "SOTS-indoor"
 # Metrics run in float32 (ten times faster convolutions than float64); scikit-image in
 # float64. Benchmarks report SSIM to 3 decimals, PSNR to 2.
 TOLERANCE = {"psnr": 1e-4, "psnr_y": 1e-4, "ssim": 1e-4, "ssim_y": 1e-4}

@@ -19,8 +19,9 @@ from hdm_model.priors import (
     guided_filter,
     transmission,
 )
+from realworld import REALWORLD
 
-SOTS = Path("/work/shared/data/realworld/dehaze/SOTS-indoor")
+SOTS = REALWORLD / "dehaze" / "SOTS-indoor"
 
 
 def _load(path: Path) -> torch.Tensor:

@@ -28,7 +28,6 @@ from hdm_platform.cli.train import train as train_command
 from hdm_platform.config import ConfigError, validate_config
 from hdm_platform.data.synth import synthesize
 from hdm_platform.tracking import load_registered
-from hdm_platform.train.checkpoints import exported_model_dir
 from hdm_platform.train.driver import fit, preflight
 from hdm_platform.train.loop import FaultInjection, resolve_precision
 
@@ -93,11 +92,15 @@ def test_stop_resume_crash_restart_register_reload(
     assert steps_per_epoch >= 3
 
     # The first fit also exercises bfloat16 autocast (with the deformable conv kept in fp32).
-    stopped_early = experiment(dataset, storage, mlflow_server, max_steps=steps_per_epoch - 1, precision="bf16")
+    stopped_early = experiment(
+        dataset, storage, mlflow_server, max_steps=steps_per_epoch - 1, precision="bf16"
+    )
     first = fit(validate_config(stopped_early))
+    # The second validates at each epoch end and once mid-epoch (val_every_steps), then
+    # loses worker 1 right after the step following that mid-epoch checkpoint.
     marker = tmp_path / "crashed"
     second = fit(
-        validate_config(raw),
+        validate_config(experiment(dataset, storage, mlflow_server, val_every_steps=steps_per_epoch + 1)),
         fault_injection=FaultInjection(rank=1, step=steps_per_epoch + 2, marker=str(marker)),
     )
 
@@ -109,9 +112,9 @@ def test_stop_resume_crash_restart_register_reload(
     run_id = first.mlflow_run_id
     assert marker.exists(), "the fault injection did not fire"
 
-    # Resumed at the step the first fit stopped at, restarted from the epoch-end checkpoint.
+    # Resumed at the step the first fit stopped at, restarted from the mid-epoch checkpoint.
     resumed = last_value_per_step(client, run_id, "resumed_from_step")
-    assert resumed == {steps_per_epoch - 1: steps_per_epoch - 1, steps_per_epoch: steps_per_epoch}
+    assert resumed == {steps_per_epoch - 1: steps_per_epoch - 1, steps_per_epoch + 1: steps_per_epoch + 1}
     assert first.metrics["step"] == steps_per_epoch - 1
     assert second.metrics["step"] == 2 * steps_per_epoch
 
@@ -121,24 +124,23 @@ def test_stop_resume_crash_restart_register_reload(
     for step in (1, steps_per_epoch - 1, steps_per_epoch + 1, total):
         assert lr[step] == pytest.approx(2e-3 * (1 + math.cos(math.pi * step / total)) / 2, abs=1e-9)
 
-    # The loss falls on the fixed data set: second epoch below the first.
-    loss = last_value_per_step(client, run_id, "train_loss")
-    assert sorted(loss) == list(range(1, total + 1))
-    epoch_means = [
-        sum(loss[step] for step in range(1 + e * steps_per_epoch, 1 + (e + 1) * steps_per_epoch))
-        / steps_per_epoch
-        for e in range(2)
-    ]
-    assert epoch_means[1] < epoch_means[0]
+    # Every step was logged once the restarts are accounted for.
+    assert sorted(last_value_per_step(client, run_id, "train_loss")) == list(range(1, total + 1))
 
+    # The loss falls on the fixed validation images (full size, same every time), and PSNR
+    # rises; training batches differ too much in haze to compare from step to step.
     val_psnr = last_value_per_step(client, run_id, "val_psnr")
-    assert set(val_psnr) == {steps_per_epoch - 1, steps_per_epoch, total}
+    val_l1 = last_value_per_step(client, run_id, "val_l1")
+    assert set(val_psnr) == {steps_per_epoch - 1, steps_per_epoch, steps_per_epoch + 1, total}
+    assert val_l1[total] < val_l1[steps_per_epoch - 1]
+    assert val_psnr[total] > val_psnr[steps_per_epoch - 1]
     images = {info.path for info in client.list_artifacts(run_id, "images")}
     assert f"images/val-step-{total:08d}.png" in images
 
     # Checkpoints in S3: the best one by val PSNR and the latest are kept (keep_checkpoints=1).
     s3 = fsspec.filesystem("s3", endpoint_url=s3_endpoint, skip_instance_cache=True)
-    kept = sorted(Path(p).name for p in s3.ls(f"{storage.removeprefix('s3://')}/ddp-test") if "checkpoint-step" in p)
+    run_folder = s3.ls(f"{storage.removeprefix('s3://')}/ddp-test")
+    kept = sorted(Path(path).name for path in run_folder if "checkpoint-step" in path)
     assert f"checkpoint-step-{total:08d}" in kept and 1 <= len(kept) <= 2
     assert second.checkpoint_path.endswith(f"checkpoint-step-{total:08d}")
 
@@ -194,7 +196,8 @@ def test_preflight_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match="data.val_split"):
         check(train={"batch_size": 2}, data={"val_split": "test"})
     with pytest.raises(ConfigError, match="loss.vgg_weights"):
-        check(train={"batch_size": 2}, loss={"perceptual_weight": 0.1, "vgg_weights": str(tmp_path / "no.pth")})
+        missing = str(tmp_path / "no.pth")
+        check(train={"batch_size": 2}, loss={"perceptual_weight": 0.1, "vgg_weights": missing})
     # A random VGG16 saved to tmp stands in for the ImageNet weights.
     features = make_layers(cfgs["D"])[:16]
     vgg = tmp_path / "vgg16.safetensors"

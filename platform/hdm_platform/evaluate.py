@@ -97,7 +97,9 @@ def load_enhancer(
     return lambda images: enhance(network, images, precision=precision, tile=tile)  # type: ignore[arg-type]
 
 
-def _load_folder(uri: str, *, device: str | torch.device, storage_options: dict[str, Any] | None) -> torch.nn.Module:
+def _load_folder(
+    uri: str, *, device: str | torch.device, storage_options: dict[str, Any] | None
+) -> torch.nn.Module:
     filesystem, path = open_filesystem(uri, storage_options)
     if not filesystem.isdir(path):
         raise FileNotFoundError(f"--model {uri}: no such checkpoint folder")
@@ -156,7 +158,8 @@ def evaluate(
     )  # fmt: skip
     rows = []
     pairs = iter_split_pairs(data, split, storage_options=storage_options)
-    for pair_id, source, target in tqdm(pairs, desc=f"evaluate {split}", unit="image", disable=not progress):
+    progress_bar = tqdm(pairs, desc=f"evaluate {split}", unit="image", disable=not progress)
+    for pair_id, source, target in progress_bar:
         started = time.perf_counter()
         output = enhancer(_to_tensor(source, device))
         seconds = time.perf_counter() - started
@@ -172,10 +175,14 @@ def evaluate(
         finite = [row[name] for row in rows if math.isfinite(row[name])]
         means[name] = sum(finite) / len(finite) if finite else math.inf
     perfect = sum(not math.isfinite(row["psnr"]) for row in rows)
-    return EvaluationResult(model=model, data=data, split=split, rows=rows, means=means, perfect_images=perfect)
+    return EvaluationResult(
+        model=model, data=data, split=split, rows=rows, means=means, perfect_images=perfect
+    )
 
 
-def write_csv(result: EvaluationResult, destination: str, *, storage_options: dict[str, Any] | None = None) -> None:
+def write_csv(
+    result: EvaluationResult, destination: str, *, storage_options: dict[str, Any] | None = None
+) -> None:
     """Per-image rows then a ``mean`` row, written atomically (temp file + rename)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS)
@@ -194,7 +201,9 @@ def log_evaluation(result: EvaluationResult, *, tracking_uri: str, experiment: s
         run_name=f"evaluate {result.model} on {result.data} [{result.split}]",
         tags={**source_tags(), "hdm.evaluation": "true"},
     )
-    run.log_params({"model": result.model, "data": result.data, "split": result.split, "images": len(result.rows)})
+    run.log_params(
+        {"model": result.model, "data": result.data, "split": result.split, "images": len(result.rows)}
+    )
     run.log_metrics({f"{result.split}_{name}": value for name, value in result.means.items()}, step=0)
     with tempfile.TemporaryDirectory(prefix="hdm-eval-") as staging:
         table = Path(staging) / f"{result.split}_metrics.csv"

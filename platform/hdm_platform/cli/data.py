@@ -8,6 +8,7 @@ Usage::
     hdm data ingest --layout unpaired --task dehaze photos/ datasets/real-hazy
     hdm data synth --task dehaze --count 500 --seed 0 --size 256 builtin datasets/synth-haze
     hdm data inspect datasets/sots --contact-sheet sots.png
+    hdm data export datasets/sots --split test --side input -o hazy/
 """
 
 from __future__ import annotations
@@ -331,3 +332,34 @@ def inspect_command(
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(report.render())
+
+
+@data.command("export")
+@click.argument("uri")
+@click.option("--split", required=True, help="Split to export, e.g. test.")
+@click.option("--side", type=click.Choice(["input", "target"]), default="input", show_default=True)
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many images.")
+@storage_options
+def export_command(
+    uri: str,
+    split: str,
+    side: str,
+    output_dir: str,
+    limit: int | None,
+    config: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    storage_pairs: tuple[str, ...],
+) -> None:
+    """Write the SIDE images of a split of the dataset at URI to files, byte for byte."""
+    from hdm_platform.data.export import export_split
+
+    options = _storage_options(config, endpoint_url, region, storage_pairs)
+    try:
+        written = export_split(
+            uri, split, output_dir, side=side, limit=limit, storage_options=options  # type: ignore[arg-type]
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {len(written)} {side} images of [{split}] to {output_dir}")

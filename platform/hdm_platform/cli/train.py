@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import typing
+
 import click
 
 from hdm_platform.config import ConfigError, MLflowConfig, Task, load_config
 
 __all__ = ["evaluate", "models", "train"]
 
-_TASKS = list(Task.__args__)  # type: ignore[attr-defined]
+_TASKS = list(typing.get_args(Task))
 
 
 def _default_tracking_uri(explicit: str | None) -> str:

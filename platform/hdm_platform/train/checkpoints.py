@@ -15,7 +15,10 @@ worker contributes its own RNG file and Ray merges the workers' folders into one
                                                  run id
     rng/rank-<R>.safetensors, rng/rank-<R>.json  each worker's torch/CUDA and Python RNGs
 
-Optimizer state is flattened: tensors go to safetensors, everything else to JSON.
+Optimizer state is flattened: tensors go to safetensors, everything else to JSON. The
+folder is written in a private temporary directory and handed to ``ray.train.report``;
+Ray Train registers the checkpoint only once every worker's part is persisted, so a
+checkpoint that exists in storage is complete.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -59,8 +60,8 @@ __all__ = [
     "train_loop_per_worker",
 ]
 
-#: Validation metrics, in the order they are summed across workers.
-VAL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
+#: Validation metrics, in the order they are summed across workers (``l1``: the L1 loss).
+VAL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "l1")
 #: An output identical to its target has infinite PSNR; it counts as this in averages.
 PSNR_CAP_DB = 100.0
 
@@ -99,7 +100,12 @@ class Throughput:
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Test hook: worker ``rank`` exits abruptly after ``step``, once (``marker`` records it)."""
+    """Test hook: worker ``rank`` exits abruptly after ``step``, once (``marker`` records it).
+
+    Before dying it waits until Ray Train has registered every checkpoint reported so far
+    (the controller collects reports on its health-check poll), so the restart point is
+    the latest checkpoint, deterministically.
+    """
 
     rank: int
     step: int
@@ -108,6 +114,7 @@ class FaultInjection:
     def maybe_crash(self, *, rank: int, step: int) -> None:
         if rank != self.rank or step != self.step or os.path.exists(self.marker):
             return
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
         Path(self.marker).write_text(f"worker {rank} crashed after step {step}\n")
         os._exit(1)
 
@@ -183,6 +190,7 @@ class _Trainer:
         self.state = TrainingState(mlflow_run_id=settings.mlflow_run_id)
         self.throughput = Throughput()
         self.resumed_from: int | None = None
+        self.validated_step = -1
         self._restore()
         # DDP after restoring: its construction broadcasts rank 0's (restored) weights.
         self.ddp_model = ray.train.torch.prepare_model(self.model)
@@ -201,7 +209,10 @@ class _Trainer:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as directory:
+        # A private copy per worker: Checkpoint.as_directory shares one download folder
+        # between the workers of a node, and its locking races when they resume together.
+        with tempfile.TemporaryDirectory(prefix=f"hdm-resume-rank{self.rank}-") as directory:
+            checkpoint.to_directory(directory)
             restored = load_training_state(
                 directory,
                 model=self.model,
@@ -212,23 +223,27 @@ class _Trainer:
             load_rng_state(directory, rank=self.rank)
         restored.mlflow_run_id = self.settings.mlflow_run_id or restored.mlflow_run_id
         self.state = restored
-        self.resumed_from = restored.step
+        # Every checkpoint is written right after a validation of its step.
+        self.resumed_from = self.validated_step = restored.step
 
     def run(self) -> None:
         if self.tracker is not None and self.resumed_from is not None:
             self.tracker.log_metrics({"resumed_from_step": self.resumed_from}, step=self.resumed_from)
         train_shard = ray.train.get_dataset_shard("train")
-        validated_at = self.state.step if self.resumed_from is not None else -1
         while self.state.step < self.stop_step:
-            epoch = self.state.step // self.steps_per_epoch
-            self.state.epoch = epoch
-            self._train_epoch(train_shard, epoch)
-            epoch_done = self.state.step % self.steps_per_epoch == 0
-            if epoch_done and (epoch + 1) % self.experiment.train.val_every_epochs == 0:
+            self.state.epoch = self.state.step // self.steps_per_epoch
+            self._train_epoch(train_shard, self.state.epoch)
+            epoch_end = self.state.step % self.steps_per_epoch == 0
+            if epoch_end and self._validation_due(epoch_end=True):
                 self._validate_and_checkpoint()
-                validated_at = self.state.step
-        if validated_at != self.state.step:
+        if self.validated_step != self.state.step:
             self._validate_and_checkpoint()
+
+    def _validation_due(self, *, epoch_end: bool) -> bool:
+        train, step = self.experiment.train, self.state.step
+        by_steps = train.val_every_steps is not None and step % train.val_every_steps == 0
+        by_epochs = epoch_end and (step // self.steps_per_epoch) % train.val_every_epochs == 0
+        return by_steps or by_epochs
 
     def _train_epoch(self, shard: Any, epoch: int) -> None:
         train = self.experiment.train
@@ -251,8 +266,8 @@ class _Trainer:
             if self.state.step % train.log_every_steps == 0:
                 self._log_training(window, now - window_started)
                 window, window_started = [], now
-            mid_epoch = self.state.step % self.steps_per_epoch != 0  # epoch ends validate in run()
-            if train.val_every_steps and self.state.step % train.val_every_steps == 0 and mid_epoch:
+            epoch_end = self.state.step % self.steps_per_epoch == 0  # run() validates those
+            if not epoch_end and self._validation_due(epoch_end=False):
                 self._validate_and_checkpoint()
                 window_started = last_step_end = time.perf_counter()
 
@@ -264,9 +279,14 @@ class _Trainer:
             batch_size=self.per_worker_batch,
             device=self.device,
             local_shuffle_buffer_size=buffer,
-            seed=self.experiment.train.seed * 100_003 + epoch * 101 + self.rank,
+            seed=self._shuffle_seed(epoch),
             drop_last=True,
         )
+
+    def _shuffle_seed(self, epoch: int) -> int:
+        """A different local shuffle per (seed, epoch, rank), the same on every rerun."""
+        sequence = np.random.SeedSequence([self.experiment.train.seed, epoch, self.rank])
+        return int(sequence.generate_state(1)[0])
 
     def _step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         self.ddp_model.train()
@@ -309,6 +329,7 @@ class _Trainer:
             train_samples_per_second=self.throughput.per_second,
         )
         self.state.metrics = {key: float(value) for key, value in metrics.items()}
+        self.validated_step = self.state.step
         with tempfile.TemporaryDirectory(prefix="hdm-checkpoint-") as directory:
             if self.rank == 0:
                 save_training_state(
@@ -344,6 +365,7 @@ class _Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 outputs = model(inputs).float()
             values = image_metrics(outputs, targets)
+            values["l1"] = (outputs - targets).abs().flatten(1).mean(dim=1)
             values["psnr"] = values["psnr"].clamp(max=PSNR_CAP_DB)
             values["psnr_y"] = values["psnr_y"].clamp(max=PSNR_CAP_DB)
             for position, name in enumerate(VAL_METRICS):
