@@ -104,14 +104,16 @@ def main() -> None:
             enhance(variants["compiled"][0], image)
             print(f"{size}x{size}: compile + first call {time.perf_counter() - start:.1f} s")
 
-        def plain() -> None:
+        def plain(image: torch.Tensor = image) -> None:
             with torch.no_grad():
                 baseline(image.contiguous())
 
         runs: dict[str, Callable[[], object]] = {"baseline": plain}
         for name, (model, precision) in variants.items():
-            runs[name] = lambda model=model, precision=precision: enhance(model, image, precision=precision)
-        runs["DCP masks"] = lambda: baseline.region_masks(image)
+            runs[name] = lambda model=model, precision=precision, image=image: enhance(
+                model, image, precision=precision
+            )
+        runs["DCP masks"] = lambda image=image: baseline.region_masks(image)
         seconds = interleaved_seconds(runs, args.repeats)
         print(f"{size}x{size}: baseline fp32 model(x) {seconds['baseline']:.3f} s/img; "
               f"DCP masks {100 * seconds['DCP masks'] / seconds['baseline']:.1f}% of it")

@@ -205,10 +205,10 @@ def prepare_for_inference(
 
     ``fold_head`` runs the decoder head's three convolutions as one (``FoldedHead``; same
     parameters and state dict). ``compile`` compiles the forward pass with inductor
-    and frozen weights (``torch.compile``): a one-off warm-up per input shape (about a
-    minute per shape on a 2-core CPU; after the second distinct shape, sizes become
-    dynamic and stop recompiling), for a few percent on CPU. The model must then only
-    run under ``torch.inference_mode`` (as ``enhance`` does).
+    and frozen weights (``torch.compile``): a one-off warm-up (on a 2-core CPU 40 s for
+    the first input shape and 75-105 s for the second, after which sizes are dynamic and
+    stop recompiling) for 5-10% on CPU; meant for long-lived serving replicas. The model
+    must then only run under ``torch.inference_mode`` (as ``enhance`` does).
     """
     if fold_head and not isinstance(model.decoder.head, FoldedHead):
         model.decoder.head = FoldedHead(model.decoder.head)

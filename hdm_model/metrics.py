@@ -13,7 +13,6 @@ scikit-image); callers that average PSNR over a data set should count or cap suc
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torchmetrics.functional.image import (
     peak_signal_noise_ratio,

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 export HDM_HOME=${HDM_HOME:-$PWD/.hdm}
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$HDM_HOME/mlflow.db}
+export RAY_DATA_DISABLE_PROGRESS_BARS=${RAY_DATA_DISABLE_PROGRESS_BARS:-1}  # one progress line per epoch instead
 config=jobs/configs/quickstart-cpu.yaml
 dataset=$HDM_HOME/datasets/quickstart-dehaze
 out=$HDM_HOME/quickstart

@@ -1,10 +1,16 @@
-"""Shared fixtures: an S3 endpoint served by moto on loopback, fresh buckets on it, and
-tiny generated images."""
+"""Shared fixtures: an S3 endpoint served by moto and an MLflow tracking server, both on
+loopback; fresh buckets; tiny generated images."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,3 +81,50 @@ def make_png() -> Callable[..., bytes]:
         return buffer.getvalue()
 
     return write
+
+
+_MLFLOW_STARTUP_TIMEOUT_S = 90.0
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start ``mlflow server`` (SQLite backend, local artifact root) and yield its URI."""
+    root: Path = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (root / "server.log").open("wb")
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--default-artifact-root", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    # Its own process group: `mlflow server` starts uvicorn as a child, and both must stop.
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + _MLFLOW_STARTUP_TIMEOUT_S
+        while not _healthy(uri):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()

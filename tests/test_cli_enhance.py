@@ -122,7 +122,7 @@ def test_enhance_reports_bad_checkpoints_and_options(tmp_path):
     Image.fromarray(_rgb(8, 8, 9)).save(source)
     runner = CliRunner()
     missing = runner.invoke(main, ["enhance", str(source), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "nope")])
-    assert missing.exit_code == 1 and "cannot load checkpoint" in missing.output and "config.json" in missing.output
+    assert missing.exit_code == 1 and "cannot load" in missing.output and "no checkpoint folder" in missing.output
     external = save_checkpoint(
         hdm(blocks_per_group=1, num_groups=1, channels=8, mask_source="external"), tmp_path / "external"
     )

@@ -9,7 +9,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
-from mlflow_fixtures import mlflow_server  # noqa: F401  (pytest fixture)
 
 from hdm_model import build_hdm, enhance, save_checkpoint, variant_config
 from hdm_model.metrics import image_metrics

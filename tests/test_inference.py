@@ -7,15 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from torch import nn
-from torchvision.ops import deform_conv2d
 
 from hdm_model import HDM, enhance, hdm, hdm_f, prepare_for_inference, variant_config
 from hdm_model.hdm import build_hdm
 from hdm_model.inference import FoldedHead, resolve_precision
 from hdm_model.region import RegionDynamicBlock
-from hdm_model.structure import DeformableBlock, modulated_deform_conv3x3
+from hdm_model.structure import DeformableBlock
 
 TINY = {"channels": 16, "blocks_per_group": 1, "num_groups": 1}
 
@@ -122,26 +120,6 @@ def test_folded_head_rejects_heads_it_cannot_fold() -> None:
         FoldedHead(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.Tanh()))
 
 
-def test_deformable_conv_matches_torchvision_including_out_of_image_samples() -> None:
-    torch.manual_seed(0)
-    features = torch.randn(2, 6, 9, 11, requires_grad=True)
-    offset = (torch.randn(2, 18, 9, 11) * 4).requires_grad_()  # many samples fall outside
-    modulation = torch.rand(2, 9, 9, 11, requires_grad=True)
-    weight = torch.randn(5, 6, 3, 3, requires_grad=True)
-    bias = torch.randn(5, requires_grad=True)
-    inputs = (features, offset, modulation, weight, bias)
-    ours = modulated_deform_conv3x3(features, offset, modulation, weight, bias)
-    reference = deform_conv2d(features, offset, weight, bias, padding=1, mask=modulation)
-    assert torch.allclose(ours, reference, atol=1e-5)
-    our_grads = torch.autograd.grad(ours.square().sum(), inputs)
-    reference_grads = torch.autograd.grad(reference.square().sum(), inputs)
-    for ours_grad, reference_grad in zip(our_grads[:1] + our_grads[2:], reference_grads[:1] + reference_grads[2:]):
-        assert torch.allclose(ours_grad, reference_grad, atol=1e-3, rtol=1e-4)
-    # Offsets: equal except at samples exactly on an integer grid line, where the bilinear
-    # weights have a kink and the two implementations pick different one-sided slopes.
-    assert torch.isclose(our_grads[1], reference_grads[1], atol=1e-3, rtol=1e-4).float().mean() > 0.999
-
-
 def test_region_block_equals_the_masked_sum_of_all_region_filters() -> None:
     torch.manual_seed(0)
     block = RegionDynamicBlock(8, 3)
@@ -181,3 +159,80 @@ def test_compiled_fast_path_matches_eager() -> None:
     compiled = prepare_for_inference(copy.deepcopy(eager), device="cpu", compile=True)
     image = smooth_photo(48, 64)
     assert torch.allclose(enhance(compiled, image), enhance(eager, image), atol=1e-4)
+
+
+def test_fast_path_matches_the_plain_forward(network: HDM) -> None:
+    image = smooth_photo(48, 64)
+    with torch.no_grad():
+        plain = network(image.contiguous())
+    assert torch.allclose(enhance(network, image), plain, atol=1e-5)
+
+
+def test_bfloat16_output_is_close_to_float32(network: HDM) -> None:
+    image = smooth_photo(48, 64)
+    assert psnr(enhance(network, image, precision="bf16"), enhance(network, image)) >= 40
+
+
+def test_deformable_conv_runs_in_float32_under_bfloat16_autocast() -> None:
+    block = DeformableBlock(16)
+    features = torch.rand(1, 16, 12, 12)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = block(features.bfloat16())
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, block(features), atol=0.05)
+
+
+@pytest.mark.parametrize(("height", "width"), [(150, 190), (97, 130)])
+def test_tiled_output_matches_the_whole_image(network: HDM, height: int, width: int) -> None:
+    image = smooth_photo(height, width)
+    tiled = enhance(network, image, tile=96, tile_overlap=32)
+    assert tiled.shape == (1, 3, height, width)
+    assert psnr(tiled, enhance(network, image)) >= 40
+
+
+def test_a_tile_larger_than_the_image_is_the_untiled_run(network: HDM) -> None:
+    image = smooth_photo(37, 53)
+    assert torch.allclose(enhance(network, image, tile=64), enhance(network, image), atol=1e-6)
+
+
+def test_tiles_share_the_whole_image_masks(network: HDM, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    original = type(network).region_masks
+
+    def counting(self: HDM, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return original(self, x, **kwargs)
+
+    monkeypatch.setattr(type(network), "region_masks", counting)
+    enhance(network, smooth_photo(150, 190), tile=64, tile_overlap=16)
+    assert calls == [(1, 3, 150, 190)]
+
+
+def test_tiled_external_guide_and_learned_masks_run() -> None:
+    torch.manual_seed(0)
+    image = smooth_photo(100, 120)
+    guided = prepare_for_inference(build_hdm(variant_config("HDM", **TINY, mask_source="external")), device="cpu")
+    guide = torch.linspace(0, 1, 120).expand(1, 1, 100, 120)
+    whole = enhance(guided, image, guide=guide)
+    assert torch.allclose(enhance(guided, image, guide=guide, tile=64, tile_overlap=16), whole, atol=0.02)
+    learned = prepare_for_inference(hdm_f(**TINY), device="cpu")
+    assert enhance(learned, image, tile=64, tile_overlap=16, precision="bf16").shape == (1, 3, 100, 120)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tile": 30}, "tile must"),
+        ({"tile": 64, "tile_overlap": 6}, "tile_overlap"),
+        ({"tile": 64, "tile_overlap": 64}, "tile_overlap"),
+        ({"precision": "fp16"}, "precision"),
+    ],
+)
+def test_bad_options_are_rejected(network: HDM, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        enhance(network, smooth_photo(32, 32), **options)
+
+
+def test_integer_images_are_rejected(network: HDM) -> None:
+    with pytest.raises(ValueError, match="float"):
+        enhance(network, torch.zeros(1, 3, 8, 8, dtype=torch.uint8))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from mlflow_fixtures import mlflow_server  # noqa: F401  (pytest fixture)
 
 from hdm_model import build_hdm, variant_config
 from hdm_platform.cli.train import models as models_command

@@ -19,7 +19,6 @@ import ray
 import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
-from mlflow_fixtures import mlflow_server  # noqa: F401  (pytest fixture)
 from safetensors.torch import save_file
 from torchvision.models.vgg import cfgs, make_layers
 

@@ -167,7 +167,7 @@ class MLflowConfig(_Section):
         None, description="Default: $MLFLOW_TRACKING_URI, else SQLite under HDM_HOME."
     )
     experiment: str = "hdm"
-    register: bool = True
+    register_model: bool = Field(True, description="Register the finished run's model.")
     registered_model: str | None = Field(None, description="Default: hdm-<task>.")
     alias: str | None = "challenger"
 

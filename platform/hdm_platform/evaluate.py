@@ -1,8 +1,9 @@
 """Full-reference evaluation of a model on one split of a dataset, as in the paper's tables.
 
-The model is a registered version (``models:/hdm-dehaze@champion``), an ``hdm_model``
-checkpoint folder or a training checkpoint folder (local or any fsspec URI), or ``dcp``, the
-classic dark-channel-prior dehazer (the "DCP" column of the paper's Table 1). Every pair of
+The model is anything :mod:`hdm_platform.enhancers` resolves: a registered version
+(``models:/hdm-dehaze@champion``), a checkpoint folder (local or any fsspec URI), ``dcp`` (the
+classic dark-channel-prior dehazer, the "DCP" column of the paper's Table 1) or ``input``
+(the degraded input itself, the "hazy" row of a comparison). Every pair of
 the split is enhanced at full size (the network pads internally) and measured with
 :func:`hdm_model.metrics.image_metrics` (PSNR / SSIM on RGB and on Y, 8-bit quantised);
 the result has one row per image and the averages. Shards are read one at a time with
@@ -14,10 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,33 +28,24 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from hdm_model import enhance, load_checkpoint, prepare_for_inference
 from hdm_model.metrics import image_metrics
-from hdm_model.priors import dehaze
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import decode_rgb
-from hdm_platform.data.storage import is_local, open_filesystem, write_atomic
+from hdm_platform.data.storage import open_filesystem, write_atomic
 from hdm_platform.tracking.mlflow_run import TrackedRun, source_tags
-from hdm_platform.tracking.registry import is_registry_uri, load_registered
-from hdm_platform.train.checkpoints import exported_model_dir
+from hdm_platform.enhancers import load_enhancer
 
 __all__ = [
-    "DCP_BASELINE",
     "METRICS",
     "EvaluationResult",
     "evaluate",
     "iter_split_pairs",
-    "load_enhancer",
     "log_evaluation",
     "write_csv",
 ]
 
-#: ``--model dcp``: the classic dark channel prior dehazer instead of a network.
-DCP_BASELINE = "dcp"
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 _CSV_FIELDS = ("id", "width", "height", *METRICS, "seconds")
-
-Enhancer = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -75,43 +66,6 @@ class EvaluationResult:
     def summary(self) -> str:
         averages = ", ".join(f"{name} {self.means[name]:.4f}" for name in METRICS)
         return f"{self.model} on {self.data} [{self.split}], {len(self.rows)} images: {averages}"
-
-
-def load_enhancer(
-    model: str,
-    *,
-    tracking_uri: str | None = None,
-    device: str | torch.device = "cpu",
-    precision: str = "fp32",
-    tile: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> Enhancer:
-    """A function ``[1, 3, H, W] -> [1, 3, H, W]`` in [0, 1] for ``model`` (see module doc)."""
-    if model == DCP_BASELINE:
-        return lambda images: dehaze(images.to(device))
-    if is_registry_uri(model):
-        network = load_registered(model, tracking_uri=tracking_uri, device=device)
-    else:
-        network = _load_folder(model, device=device, storage_options=storage_options)
-    network = prepare_for_inference(network, device=device)
-    return lambda images: enhance(network, images, precision=precision, tile=tile)  # type: ignore[arg-type]
-
-
-def _load_folder(
-    uri: str, *, device: str | torch.device, storage_options: dict[str, Any] | None
-) -> torch.nn.Module:
-    filesystem, path = open_filesystem(uri, storage_options)
-    if not filesystem.isdir(path):
-        raise FileNotFoundError(f"--model {uri}: no such checkpoint folder")
-    # A training checkpoint keeps the exported (EMA) model in model/.
-    if filesystem.isfile(f"{path}/model/config.json"):
-        path = str(exported_model_dir(path))
-    if is_local(filesystem):
-        return load_checkpoint(path, device=device)
-    with tempfile.TemporaryDirectory(prefix="hdm-eval-model-") as staging:
-        for name in ("config.json", "model.safetensors"):
-            filesystem.get_file(f"{path}/{name}", os.path.join(staging, name))
-        return load_checkpoint(staging, device=device)
 
 
 def iter_split_pairs(

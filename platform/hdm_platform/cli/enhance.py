@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -16,30 +15,22 @@ from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from tqdm import tqdm
 
-from hdm_model.checkpoint import load_checkpoint, read_checkpoint_config
 from hdm_model.config import DCP_MASK_MODES, HDMConfig
 from hdm_model.hdm import FEATURE_STRIDE
-from hdm_model.inference import DEFAULT_TILE, enhance as enhance_images, prepare_for_inference
+from hdm_model.inference import DEFAULT_TILE
 from hdm_model.masks import compute_dcp_maps
-from hdm_model.priors import dehaze
+from hdm_platform.enhancers import UNTILED_MAX_PIXELS, load_enhancer, load_model
 from hdm_platform.imageio import IMAGE_SUFFIXES, ImageError, read_image, write_image
 
 __all__ = [
-    "DCP_CHECKPOINT",
     "LABEL_HEIGHT",
     "MARGIN",
     "PANEL_LONG_SIDE",
-    "UNTILED_MAX_PIXELS",
     "collect_inputs",
     "enhance",
     "explain",
     "explain_figure",
 ]
-
-#: ``--checkpoint dcp`` runs ``hdm_model.priors.dehaze``, the paper's non-learned baseline.
-DCP_CHECKPOINT = "dcp"
-#: Without ``--tile``, images up to this many pixels run whole; larger ones in tiles.
-UNTILED_MAX_PIXELS = 1024 * 1024
 
 #: ``hdm explain`` figure layout: panels scaled to this long side, a label strip above
 #: each, and a margin around and between panels.
@@ -82,35 +73,6 @@ def _check_multiple_of_stride(_: click.Context, __: click.Parameter, size: int |
     return size
 
 
-def _build_enhancer(
-    checkpoint: str, *, device: torch.device, precision: str, tile: int | None, tile_overlap: int
-) -> Callable[[Tensor], Tensor]:
-    """A function from a ``[1, 3, H, W]`` batch to its enhanced batch."""
-    if checkpoint == DCP_CHECKPOINT:
-        return lambda batch: dehaze(batch.to(device))
-    try:
-        model = prepare_for_inference(load_checkpoint(checkpoint, device=device), device=device)
-    except (OSError, ValueError) as error:
-        raise click.ClickException(f"cannot load checkpoint {checkpoint}: {error}") from error
-    if model.config.mask_source == "external":
-        raise click.ClickException(
-            f"checkpoint {checkpoint} needs an external guide map (mask_source 'external'), "
-            "which 'hdm enhance' does not take"
-        )
-
-    def run(batch: Tensor) -> Tensor:
-        pixels = batch.shape[-2] * batch.shape[-1]
-        if tile is None:
-            tile_size = DEFAULT_TILE if pixels > UNTILED_MAX_PIXELS else None
-        else:
-            tile_size = tile or None  # --tile 0: never tile
-        return enhance_images(
-            model, batch, precision=precision, tile=tile_size, tile_overlap=tile_overlap
-        )
-
-    return run
-
-
 def _output_path(source: Path, output_dir: Path, output_format: str) -> Path:
     return output_dir / f"{source.stem}{_OUTPUT_SUFFIXES[output_format]}"
 
@@ -130,8 +92,8 @@ def _output_path(source: Path, output_dir: Path, output_format: str) -> Path:
 @click.option(
     "--checkpoint",
     required=True,
-    help="Checkpoint directory (model.safetensors + config.json), or 'dcp' for the "
-    "classic dark-channel-prior dehazer.",
+    help="A checkpoint folder (path or URI), models:/NAME@ALIAS from the MLflow registry, "
+    "or 'dcp' for the classic dark-channel-prior dehazer.",
 )
 @click.option(
     "--tile",
@@ -189,13 +151,16 @@ def enhance(
     files = collect_inputs(inputs)
     if not files:
         raise click.UsageError("no image files found in the given inputs")
-    run = _build_enhancer(
-        checkpoint,
-        device=_resolve_device(device),
-        precision=precision,
-        tile=tile,
-        tile_overlap=tile_overlap,
-    )
+    try:
+        run = load_enhancer(
+            checkpoint,
+            device=_resolve_device(device),
+            precision=precision,
+            tile=tile,
+            tile_overlap=tile_overlap,
+        )
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"cannot load {checkpoint}: {error}") from error
     output_dir.mkdir(parents=True, exist_ok=True)
     claimed: dict[Path, Path] = {}
     failures: list[tuple[Path, str]] = []
@@ -296,7 +261,7 @@ def explain_figure(image: Tensor, config: HDMConfig) -> Image.Image:
 
 
 def _explain_config(
-    checkpoint: Path | None, num_regions: int | None, mask_mode: str | None
+    checkpoint: str | None, num_regions: int | None, mask_mode: str | None
 ) -> HDMConfig:
     if checkpoint is None:
         overrides = {"num_regions": num_regions, "dcp_mask_mode": mask_mode}
@@ -305,7 +270,7 @@ def _explain_config(
         if value is not None:
             raise click.UsageError(f"{option} comes from the checkpoint; do not pass both")
     try:
-        config, _ = read_checkpoint_config(checkpoint)
+        config = load_model(checkpoint).config
     except (OSError, ValueError) as error:
         raise click.ClickException(f"cannot read checkpoint {checkpoint}: {error}") from error
     if config.mask_source != "dcp":
@@ -327,8 +292,8 @@ def _explain_config(
 )
 @click.option(
     "--checkpoint",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Take the number of regions, the mask mode and the DCP settings from this checkpoint.",
+    help="Take the number of regions, the mask mode and the DCP settings from this model: "
+    "a checkpoint folder (path or URI) or models:/NAME@ALIAS.",
 )
 @click.option("--num-regions", type=click.IntRange(min=2), help="Default: 5 (the paper).")
 @click.option(
@@ -339,7 +304,7 @@ def _explain_config(
 def explain(
     image_path: Path,
     output: Path,
-    checkpoint: Path | None,
+    checkpoint: str | None,
     num_regions: int | None,
     mask_mode: str | None,
 ) -> None:

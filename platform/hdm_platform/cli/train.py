@@ -21,7 +21,7 @@ def _default_tracking_uri(explicit: str | None) -> str:
 @click.command()
 @click.option(
     "--config", "config_path", required=True, metavar="YAML",
-    help="Experiment file (path or URI), e.g. jobs/configs/sots-indoor.yaml.",
+    help="Experiment file (path or URI), e.g. jobs/configs/dehaze-reside-its.yaml.",
 )  # fmt: skip
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -54,14 +54,15 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 @click.command()
 @click.option(
     "--model", "model_uri", required=True,
-    help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint folder (path or URI), or 'dcp'.",
+    help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint folder (path or URI), 'dcp' (classic "
+    "dark channel prior) or 'input' (the degraded input itself).",
 )  # fmt: skip
 @click.option("--data", "data_uri", required=True, help="Dataset folder (holding manifest.json).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--out", "out_csv", default=None, help="Per-image CSV to write (path or URI).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--tile", type=int, default=None, help="Tile side for large images (multiple of 4).")
+@click.option("--tile", type=int, default=None, help="Tile side (multiple of 4); default: whole images up to 1 MPixel, 512 tiles above; 0 never tiles.")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
 @click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else local SQLite.")
 @click.option("--experiment", default="hdm-evaluation", show_default=True)

@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,11 +195,25 @@ def build_trainer(
     )
 
 
+def local_ray_resources(config: ExperimentConfig) -> dict[str, Any]:
+    """``ray.init`` arguments: none for a cluster (``RAY_ADDRESS``), CPUs for a local Ray.
+
+    Ray Data's decode tasks need a CPU beside the training workers. A laptop with as many
+    cores as workers would otherwise give the workers every CPU and the input pipeline none,
+    and training would wait forever for its first batch. Logical CPUs only schedule work;
+    each worker's torch threads still follow ``scaling.cpus_per_worker``.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return {}
+    workers = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker)
+    return {"num_cpus": max(os.cpu_count() or 1, workers + 1)}
+
+
 def fit(config: ExperimentConfig, *, fault_injection: FaultInjection | None = None) -> TrainingOutcome:
     """Train (or resume) the experiment, then export and register its model."""
     steps_per_epoch = preflight(config)
     if not ray.is_initialized():
-        ray.init()
+        ray.init(**local_ray_resources(config))
     storage_path = config.run.resolved_storage_path()
     tracking_uri = config.mlflow.resolved_tracking_uri()
     tracked = TrackedRun.start_or_resume(
@@ -244,7 +260,7 @@ def _export(
     tags = tracked.client.get_run(tracked.run_id).data.tags
     step = str(metrics.get("step"))
     model_uri = f"{tracked.artifact_uri()}/model"
-    name = config.registered_model_name() if config.mlflow.register else None
+    name = config.registered_model_name() if config.mlflow.register_model else None
     version = tags.get(_REGISTERED_VERSION_TAG) if tags.get(_REGISTERED_STEP_TAG) == step else None
     if version is None:
         numeric = {key: float(value) for key, value in metrics.items() if isinstance(value, int | float)}

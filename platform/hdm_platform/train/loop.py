@@ -330,6 +330,14 @@ class _Trainer:
         )
         self.state.metrics = {key: float(value) for key, value in metrics.items()}
         self.validated_step = self.state.step
+        if self.rank == 0:
+            # Ray forwards worker output to the driver: the user's progress line.
+            print(
+                f"epoch {self.state.step / self.steps_per_epoch:.1f}/{self.experiment.train.epochs} "
+                f"step {self.state.step}/{self.stop_step}: val PSNR {metrics['val_psnr']:.2f} dB, "
+                f"SSIM {metrics['val_ssim']:.4f}, {self.throughput.per_second:.1f} samples/s",
+                flush=True,
+            )
         with tempfile.TemporaryDirectory(prefix="hdm-checkpoint-") as directory:
             if self.rank == 0:
                 save_training_state(

@@ -1,0 +1,107 @@
+"""What enhances an image, by name: a registered model, a checkpoint folder, or a baseline.
+
+Every command that runs a model (``hdm enhance``, ``hdm explain``, ``hdm evaluate``, the
+jobs) resolves its model reference here, so they all accept the same things:
+
+* ``models:/hdm-dehaze@champion`` or ``models:/hdm-dehaze/3``: a registered version (only
+  its weights and config are downloaded; nothing is unpickled);
+* a checkpoint folder, local or any fsspec URI: an ``hdm_model`` checkpoint
+  (``model.safetensors`` + ``config.json``) or a training checkpoint (its ``model/``);
+* ``dcp``: the classic dark-channel-prior dehazer (the paper's "DCP" column);
+* ``input``: no enhancement at all, the degraded input itself (the "hazy input" row of a
+  comparison).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hdm_model import HDM, DEFAULT_TILE, enhance, load_checkpoint, prepare_for_inference
+from hdm_model.priors import dehaze
+from hdm_platform.data.storage import is_local, open_filesystem
+from hdm_platform.tracking.registry import is_registry_uri, load_registered
+from hdm_platform.train.checkpoints import exported_model_dir
+
+__all__ = ["BASELINES", "UNTILED_MAX_PIXELS", "Enhancer", "load_enhancer", "load_model"]
+
+Enhancer = Callable[[Tensor], Tensor]
+
+#: Non-learned "models": the classic dehazer, and the identity for the input's own scores.
+BASELINES: dict[str, Callable[[Tensor], Tensor]] = {
+    "dcp": lambda images: dehaze(images),
+    "input": lambda images: images.clamp(0.0, 1.0),
+}
+#: With ``tile=None``, images up to this many pixels run whole and larger ones in tiles.
+UNTILED_MAX_PIXELS = 1024 * 1024
+_FILES = ("config.json", "model.safetensors")
+
+
+def load_model(
+    reference: str,
+    *,
+    device: str | torch.device = "cpu",
+    tracking_uri: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> HDM:
+    """The network a registry URI or a checkpoint folder names, in eval mode on ``device``."""
+    if is_registry_uri(reference):
+        return load_registered(reference, tracking_uri=tracking_uri, device=device)  # type: ignore[return-value]
+    filesystem, path = open_filesystem(reference, storage_options)
+    if not filesystem.isdir(path):
+        raise FileNotFoundError(f"no checkpoint folder at {reference}")
+    # A training checkpoint keeps the exported (EMA) model in model/.
+    if filesystem.isfile(f"{path}/model/config.json"):
+        path = str(exported_model_dir(path))
+    if is_local(filesystem):
+        return load_checkpoint(path, device=device)
+    with tempfile.TemporaryDirectory(prefix="hdm-model-") as staging:
+        for name in _FILES:
+            filesystem.get_file(f"{path}/{name}", os.path.join(staging, name))
+        return load_checkpoint(staging, device=device)
+
+
+def load_enhancer(
+    reference: str,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    tile: int | None = None,
+    tile_overlap: int = 32,
+    tracking_uri: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Enhancer:
+    """A function ``[B, 3, H, W] -> [B, 3, H, W]`` in [0, 1] for ``reference``.
+
+    ``tile=None`` runs images whole up to :data:`UNTILED_MAX_PIXELS` and in
+    ``DEFAULT_TILE`` tiles above; ``tile=0`` never tiles; any other value is the tile side.
+    """
+    if reference in BASELINES:
+        baseline = BASELINES[reference]
+        return lambda images: baseline(images.to(device))
+    model = load_model(
+        reference, device=device, tracking_uri=tracking_uri, storage_options=storage_options
+    )
+    if model.config.mask_source == "external":
+        raise ValueError(
+            f"{reference} needs an external guide map (mask_source 'external'), "
+            "which only the Python API (hdm_model.enhance(..., guide=...)) takes"
+        )
+    model = prepare_for_inference(model, device=device)
+
+    def run(images: Tensor) -> Tensor:
+        if tile is None:
+            pixels = images.shape[-2] * images.shape[-1]
+            tile_size = DEFAULT_TILE if pixels > UNTILED_MAX_PIXELS else None
+        else:
+            tile_size = tile or None
+        return enhance(
+            model, images.to(device), precision=precision, tile=tile_size, tile_overlap=tile_overlap
+        )
+
+    return run
