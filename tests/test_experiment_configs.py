@@ -25,7 +25,7 @@ PAPER_EXPERIMENTS = {
 
 
 def test_every_paper_experiment_has_a_config():
-    assert {path.stem for path in ALL_CONFIGS} == {*PAPER_EXPERIMENTS, "tiny-cpu"}
+    assert {path.stem for path in ALL_CONFIGS} == {*PAPER_EXPERIMENTS, "tiny-cpu", "quickstart-cpu"}
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda path: path.stem)

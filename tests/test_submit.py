@@ -252,12 +252,19 @@ def client_env(ray_head, monkeypatch, tmp_path, token_loader, tracking_uri):
 
 
 def test_head_rejects_a_client_without_the_token(ray_head, client_env, monkeypatch):
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
+    # A fresh process: an earlier ray.init() in this one switched it to token mode for good
+    # (Ray sets RAY_AUTH_MODE=token in os.environ and caches it in its config).
     monkeypatch.delenv("RAY_ADDRESS")
-    with pytest.raises(AuthenticationError):
-        JobSubmissionClient(ray_head["address"]).list_jobs()
+    probe = (
+        "from ray.exceptions import AuthenticationError\n"
+        "from ray.job_submission import JobSubmissionClient\n"
+        "try:\n"
+        f"    JobSubmissionClient({ray_head['address']!r}).list_jobs()\n"
+        "except AuthenticationError:\n"
+        "    raise SystemExit(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

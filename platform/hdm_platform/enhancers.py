@@ -70,7 +70,7 @@ def load_enhancer(
     reference: str,
     *,
     device: str | torch.device = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     tile: int | None = None,
     tile_overlap: int = 32,
     tracking_uri: str | None = None,

@@ -100,7 +100,7 @@ def evaluate(
     split: str = "test",
     tracking_uri: str | None = None,
     device: str | torch.device = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     tile: int | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,

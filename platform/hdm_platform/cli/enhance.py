@@ -112,10 +112,11 @@ def _output_path(source: Path, output_dir: Path, output_format: str) -> Path:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
     show_default=True,
-    help="bf16 autocast (faster on recent CPUs and GPUs). Ignored by 'dcp'.",
+    help="auto: bf16 autocast on GPUs with bf16 and CPUs with AMX, where it is faster; fp32 "
+    "elsewhere. Ignored by 'dcp'.",
 )
 @click.option(
     "--device",

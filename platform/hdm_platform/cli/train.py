@@ -61,7 +61,7 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 @click.option("--split", default="test", show_default=True)
 @click.option("--out", "out_csv", default=None, help="Per-image CSV to write (path or URI).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--tile", type=int, default=None, help="Tile side (multiple of 4); default: whole images up to 1 MPixel, 512 tiles above; 0 never tiles.")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
 @click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else local SQLite.")

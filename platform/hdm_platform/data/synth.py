@@ -94,9 +94,11 @@ def _depth_from(values: np.ndarray, inverse: bool) -> np.ndarray:
     finite = np.isfinite(values)
     if not finite.any():
         raise ValueError("depth map has no finite values")
-    # Stereo disparity marks unmatched pixels inf/nan: treat them as the nearest valid ones.
-    fill = values[finite].max() if inverse else values[finite].min()
-    values = np.where(finite, values, fill)
+    if not finite.all():
+        # Stereo disparity marks unmatched pixels (occlusions, no texture) inf/nan: give each
+        # the value of its nearest matched pixel, so the haze stays smooth across the holes.
+        _, (rows, cols) = ndimage.distance_transform_edt(~finite, return_indices=True)
+        values = values[rows, cols]
     if inverse:
         values = 1.0 / np.maximum(values, 1e-6)
     return _normalise(values).astype(np.float32)
