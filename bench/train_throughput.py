@@ -102,7 +102,7 @@ def main() -> None:
                       "precision": "fp32", "logged_val_images": 0},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1},
             "run": {"storage_path": str(root / "runs")},
-            "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "register": False},
+            "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "register_model": False},
         })  # fmt: skip
         common = dict(
             model_config=config.model.to_hdm_config(), steps=args.steps, batch=args.batch,
