@@ -103,6 +103,18 @@ class HDMConfig:
                 f"mask_source 'dcp' needs RGB input (in_channels=3), got in_channels={self.in_channels}"
             )
 
+    def dcp_mask_settings(self) -> dict[str, Any]:
+        """Keyword arguments of :mod:`hdm_model.masks`' DCP functions for this config."""
+        return {
+            "num_regions": self.num_regions,
+            "mode": self.dcp_mask_mode,
+            "patch_size": self.dcp_patch_size,
+            "omega": self.dcp_omega,
+            "top_fraction": self.dcp_top_fraction,
+            "guided_radius": self.dcp_guided_radius,
+            "guided_eps": self.dcp_guided_eps,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
         return {

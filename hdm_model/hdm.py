@@ -149,15 +149,7 @@ class HDM(nn.Module):
         with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             if config.mask_source == "dcp":
                 return dcp_region_masks(
-                    pad_to_multiple(x.float()),
-                    num_regions=config.num_regions,
-                    mode=config.dcp_mask_mode,
-                    scale=FEATURE_STRIDE,
-                    patch_size=config.dcp_patch_size,
-                    omega=config.dcp_omega,
-                    top_fraction=config.dcp_top_fraction,
-                    guided_radius=config.dcp_guided_radius,
-                    guided_eps=config.dcp_guided_eps,
+                    pad_to_multiple(x.float()), scale=FEATURE_STRIDE, **config.dcp_mask_settings()
                 )
             if guide is None:
                 raise ValueError("mask_source 'external' needs a guide map [B, 1, H, W]")

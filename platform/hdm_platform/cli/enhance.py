@@ -220,17 +220,7 @@ def explain_figure(image: Tensor, config: HDMConfig) -> Image.Image:
     feature scale (1/4), the way HDM computes its masks. Each region panel shows the input
     where the region is and darkens it elsewhere.
     """
-    maps = compute_dcp_maps(
-        image.unsqueeze(0),
-        num_regions=config.num_regions,
-        mode=config.dcp_mask_mode,
-        scale=FEATURE_STRIDE,
-        patch_size=config.dcp_patch_size,
-        omega=config.dcp_omega,
-        top_fraction=config.dcp_top_fraction,
-        guided_radius=config.dcp_guided_radius,
-        guided_eps=config.dcp_guided_eps,
-    )
+    maps = compute_dcp_maps(image.unsqueeze(0), scale=FEATURE_STRIDE, **config.dcp_mask_settings())
     size = _panel_size(*image.shape[-2:])
     small_input = _resize(image, size, mode="bilinear").clamp(0.0, 1.0)
     panels = [
