@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -99,7 +100,8 @@ def _storage_options(
 
 
 def storage_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Adds the options that reach object stores (S3 endpoint, region, anything fsspec takes)."""
+    """Adds the options that reach object stores (S3 endpoint, region, anything fsspec takes)
+    and hands the command one ``storage_options`` dict built from them."""
     decorators = [
         click.option(
             "--config",
@@ -116,9 +118,23 @@ def storage_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Extra fsspec filesystem option; repeatable.",
         ),
     ]
+
+    @functools.wraps(command)
+    def with_storage_options(
+        *args: Any,
+        config: str | None,
+        endpoint_url: str | None,
+        region: str | None,
+        storage_pairs: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
+        options = _storage_options(config, endpoint_url, region, storage_pairs)
+        return command(*args, storage_options=options, **kwargs)
+
+    wrapped: Callable[..., Any] = with_storage_options
     for decorator in reversed(decorators):
-        command = decorator(command)
-    return command
+        wrapped = decorator(wrapped)
+    return wrapped
 
 
 @click.group("data")
@@ -189,13 +205,9 @@ def ingest_command(
     workers: int,
     name: str | None,
     no_progress: bool,
-    config: str | None,
-    endpoint_url: str | None,
-    region: str | None,
-    storage_pairs: tuple[str, ...],
+    storage_options: dict[str, Any],
 ) -> None:
     """Ingest the paired benchmark at SOURCE into a dataset at DEST_URI (any fsspec URI)."""
-    options = _storage_options(config, endpoint_url, region, storage_pairs)
     try:
         result = ingest(
             source,
@@ -212,7 +224,7 @@ def ingest_command(
             shard_size=shard_size,
             workers=workers,
             name=name,
-            storage_options=options,
+            storage_options=storage_options,
             progress=not no_progress,
         )
     except (IngestError, ValueError, FileNotFoundError) as error:
@@ -265,15 +277,11 @@ def synth_command(
     workers: int,
     name: str | None,
     no_progress: bool,
-    config: str | None,
-    endpoint_url: str | None,
-    region: str | None,
-    storage_pairs: tuple[str, ...],
+    storage_options: dict[str, Any],
 ) -> None:
     """Render degraded/clean pairs from CLEAN_SOURCE (a folder/URI, or 'builtin') into DEST_URI."""
     from hdm_platform.data.synth import synthesize
 
-    options = _storage_options(config, endpoint_url, region, storage_pairs)
     try:
         result = synthesize(
             clean_source,
@@ -287,7 +295,7 @@ def synth_command(
             shard_size=shard_size,
             workers=workers,
             name=name,
-            storage_options=options,
+            storage_options=storage_options,
             progress=not no_progress,
         )
     except (ValueError, FileNotFoundError) as error:
@@ -312,19 +320,15 @@ def inspect_command(
     contact_sheet: str | None,
     sheet_pairs: int,
     psnr_pairs: int,
-    config: str | None,
-    endpoint_url: str | None,
-    region: str | None,
-    storage_pairs: tuple[str, ...],
+    storage_options: dict[str, Any],
 ) -> None:
     """Print counts, sizes and input-vs-target PSNR of the dataset at URI."""
     from hdm_platform.data.inspect import inspect_dataset
 
-    options = _storage_options(config, endpoint_url, region, storage_pairs)
     try:
         report = inspect_dataset(
             uri,
-            storage_options=options,
+            storage_options=storage_options,
             psnr_pairs=psnr_pairs,
             contact_sheet=contact_sheet,
             sheet_pairs=sheet_pairs,
@@ -347,18 +351,14 @@ def export_command(
     side: str,
     output_dir: str,
     limit: int | None,
-    config: str | None,
-    endpoint_url: str | None,
-    region: str | None,
-    storage_pairs: tuple[str, ...],
+    storage_options: dict[str, Any],
 ) -> None:
     """Write the SIDE images of a split of the dataset at URI to files, byte for byte."""
     from hdm_platform.data.export import export_split
 
-    options = _storage_options(config, endpoint_url, region, storage_pairs)
     try:
         written = export_split(
-            uri, split, output_dir, side=side, limit=limit, storage_options=options  # type: ignore[arg-type]
+            uri, split, output_dir, side=side, limit=limit, storage_options=storage_options  # type: ignore[arg-type]
         )
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
