@@ -147,15 +147,15 @@ class PairTransform:
 
     @staticmethod
     def _stack(images: list[np.ndarray]) -> np.ndarray:
-        """HWC uint8 images -> float32 CHW in [0, 1]: one array, or a ragged object array."""
+        """HWC uint8 images -> uint8 CHW: one array, or a ragged object array.
+
+        Pairs stay 8-bit until the training worker's collate turns them into floats: the
+        object store then moves a quarter of the bytes float32 would take.
+        """
         if len({image.shape for image in images}) == 1:
-            batch = np.empty((len(images), 3, *images[0].shape[:2]), dtype=np.float32)
-            for slot, image in zip(batch, images, strict=True):
-                slot[...] = image.transpose(2, 0, 1)
-            batch *= 1.0 / 255.0
-            return batch
+            return np.stack([image.transpose(2, 0, 1) for image in images])
         # Full-size validation images differ in size; Ray stores them as a
         # variable-shaped tensor column.
         ragged = np.empty(len(images), dtype=object)
-        ragged[:] = [image.transpose(2, 0, 1).astype(np.float32) / 255.0 for image in images]
+        ragged[:] = [np.ascontiguousarray(image.transpose(2, 0, 1)) for image in images]
         return ragged

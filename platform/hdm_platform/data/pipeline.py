@@ -61,9 +61,9 @@ __all__ = [
     "split_rows",
 ]
 
-# Pairs per map_batches call. Decoded float32 crops are 12 bytes per pixel, so a handful
-# of full-size images per batch keeps a worker's heap small while amortising the per-batch
-# overhead of Ray's task/operator machinery.
+# Pairs per map_batches call. Decoded pairs are 6 bytes per pixel (two uint8 RGB images),
+# so a handful of full-size images per batch keeps a worker's heap small while amortising
+# the per-batch overhead of Ray's task/operator machinery.
 DEFAULT_DECODE_BATCH_SIZE = 8
 
 _SOURCE_COLUMNS = ["id", "input", "target"]
@@ -131,7 +131,8 @@ def build_dataset(
         decode_batch_size: Pairs decoded per ``map_batches`` call.
 
     Returns:
-        Rows ``{"id": str, "input": float32 [3, h, w], "target": float32 [3, h, w]}``, in [0, 1].
+        Rows ``{"id": str, "input": uint8 [3, h, w], "target": uint8 [3, h, w]}``;
+        :func:`iter_pairs` turns them into float32 in [0, 1] on the consuming worker.
     """
     if train and crop_size is None:
         raise ValueError("training needs a crop_size: batches of full images differ in shape")
@@ -166,7 +167,7 @@ def build_dataset(
 
 
 class _PairCollate(NumpyBatchCollateFn):
-    """Numpy batch -> ``(input, target)`` tensors, leaving the string ids behind."""
+    """Numpy uint8 batch -> float32 ``(input, target)`` tensors in [0, 1], without the ids."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[Tensor, Tensor]:
         return self._tensor(batch, "input"), self._tensor(batch, "target")
@@ -182,7 +183,7 @@ class _PairCollate(NumpyBatchCollateFn):
                     "iterate with batch_size=1 or build the dataset with a crop_size"
                 )
             images = np.stack(list(images))
-        return torch.from_numpy(images)
+        return torch.from_numpy(images).float().div_(255.0)
 
 
 def iter_pairs(
