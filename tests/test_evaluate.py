@@ -9,10 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from PIL import Image
 
 from hdm_model import build_hdm, enhance, save_checkpoint, variant_config
 from hdm_model.metrics import image_metrics
 from hdm_model.priors import dehaze
+from hdm_platform.cli.train import compare as compare_command
 from hdm_platform.cli.train import evaluate as evaluate_command
 from hdm_platform.data.synth import synthesize
 from hdm_platform.evaluate import iter_split_pairs
@@ -99,3 +101,36 @@ def test_bad_inputs_are_named(dataset, tmp_path):
     assert missing.exit_code != 0 and "nope" in missing.output
     no_split = runner.invoke(evaluate_command, ["--model", "dcp", "--split", "val", *common])
     assert no_split.exit_code != 0 and "'val'" in no_split.output
+
+
+def test_compare_tables_margins_and_picture(dataset, checkpoint, tmp_path):
+    folder, _ = checkpoint
+    table, picture = tmp_path / "out" / "table.md", tmp_path / "out" / "picture.png"
+    result = CliRunner().invoke(
+        compare_command,
+        ["--model", f"hdm={folder}", "--model", "hazy=input", "--model", "dcp", "--data", dataset,
+         "--table", str(table), "--picture", str(picture), "--picture-images", "3"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    means = {
+        label: sum(image_metrics(output, as_tensor(target))["psnr"].item() for output, target in pairs) / len(pairs)
+        for label, pairs in {
+            "hdm": [(enhance(checkpoint[1], as_tensor(s)), t) for _, s, t in iter_split_pairs(dataset, "test")],
+            "hazy": [(as_tensor(s), t) for _, s, t in iter_split_pairs(dataset, "test")],
+            "dcp": [(dehaze(as_tensor(s)), t) for _, s, t in iter_split_pairs(dataset, "test")],
+        }.items()
+    }
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.read_text().splitlines()[4:]}
+    assert rows == {label: f"{value:.2f}" for label, value in means.items()}
+    for label in ("hazy", "dcp"):
+        margin = means["hdm"] - means[label]
+        verdict = "beats" if margin > 0 else "does NOT beat"
+        assert f"hdm {verdict} {label} by {margin:+.2f} dB PSNR" in result.output
+    with Image.open(picture) as image:
+        # Three rows of 30x22 pairs; columns input, hdm, dcp, target (the input model is not repeated).
+        assert image.size == (4 + 4 * (30 + 4), 16 + 4 + 3 * (22 + 4))
+
+
+def test_compare_rejects_a_label_given_twice(dataset):
+    result = CliRunner().invoke(compare_command, ["--model", "a=dcp", "--model", "a=input", "--data", dataset])
+    assert result.exit_code != 0 and "label 'a' given twice" in result.output

@@ -7,6 +7,9 @@ jobs) resolves its model reference here, so they all accept the same things:
   its weights and config are downloaded; nothing is unpickled);
 * a checkpoint folder, local or any fsspec URI: an ``hdm_model`` checkpoint
   (``model.safetensors`` + ``config.json``) or a training checkpoint (its ``model/``);
+* ``http://HOST:PORT/v1/enhance/TASK`` (or ``https://``): a model served by ``hdm serve``,
+  called over HTTP one image at a time (PNG both ways, so nothing is lost in transit;
+  ``$HDM_API_KEY`` is sent as the bearer key when set);
 * ``dcp``: the classic dark-channel-prior dehazer (the paper's "DCP" column);
 * ``input``: no enhancement at all, the degraded input itself (the "hazy input" row of a
   comparison).
@@ -14,8 +17,12 @@ jobs) resolves its model reference here, so they all accept the same things:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -25,10 +32,19 @@ from torch import Tensor
 from hdm_model import HDM, DEFAULT_TILE, enhance, load_checkpoint, prepare_for_inference
 from hdm_model.priors import dehaze
 from hdm_platform.data.storage import is_local, open_filesystem
+from hdm_platform.imageio import encode_image, read_image
 from hdm_platform.tracking.registry import is_registry_uri, load_registered
 from hdm_platform.train.checkpoints import exported_model_dir
 
-__all__ = ["BASELINES", "UNTILED_MAX_PIXELS", "Enhancer", "load_enhancer", "load_model"]
+__all__ = [
+    "BASELINES",
+    "UNTILED_MAX_PIXELS",
+    "Enhancer",
+    "HTTPEnhancerError",
+    "is_http_reference",
+    "load_enhancer",
+    "load_model",
+]
 
 Enhancer = Callable[[Tensor], Tensor]
 
@@ -40,6 +56,42 @@ BASELINES: dict[str, Callable[[Tensor], Tensor]] = {
 #: With ``tile=None``, images up to this many pixels run whole and larger ones in tiles.
 UNTILED_MAX_PIXELS = 1024 * 1024
 _FILES = ("config.json", "model.safetensors")
+#: Seconds to wait for one served image (a large photo on a CPU replica takes a while).
+HTTP_TIMEOUT_S = 600.0
+
+
+class HTTPEnhancerError(RuntimeError):
+    """A served model answered with an error (or not at all); the message says which."""
+
+
+def is_http_reference(reference: str) -> bool:
+    """Whether ``reference`` names a served endpoint rather than weights."""
+    return reference.startswith(("http://", "https://"))
+
+
+def _http_enhancer(url: str, device: str | torch.device) -> Enhancer:
+    """Each image of a batch POSTed to ``url`` as PNG; the PNG answers decoded back."""
+    headers = {"Content-Type": "image/png", "Accept": "image/png"}
+    if api_key := os.environ.get("HDM_API_KEY"):
+        headers["Authorization"] = f"Bearer {api_key}"
+
+    def post(image: Tensor) -> Tensor:
+        request = urllib.request.Request(url, data=encode_image(image), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+                return read_image(response.read(), name=url)
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                detail = json.loads(detail)["error"]["message"]
+            raise HTTPEnhancerError(f"{url} answered {error.code}: {detail}") from None
+        except OSError as error:
+            raise HTTPEnhancerError(f"{url}: {error}") from None
+
+    def run(images: Tensor) -> Tensor:
+        return torch.stack([post(image.cpu()) for image in images]).to(device)
+
+    return run
 
 
 def load_model(
@@ -84,6 +136,8 @@ def load_enhancer(
     if reference in BASELINES:
         baseline = BASELINES[reference]
         return lambda images: baseline(images.to(device))
+    if is_http_reference(reference):
+        return _http_enhancer(reference, device)
     model = load_model(
         reference, device=device, tracking_uri=tracking_uri, storage_options=storage_options
     )

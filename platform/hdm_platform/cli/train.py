@@ -1,4 +1,4 @@
-"""``hdm train``, ``hdm evaluate`` and ``hdm models promote|list``."""
+"""``hdm train``, ``hdm evaluate``, ``hdm compare`` and ``hdm models promote|list``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 
 from hdm_platform.config import ConfigError, MLflowConfig, Task, load_config
 
-__all__ = ["evaluate", "models", "train"]
+__all__ = ["compare", "evaluate", "models", "train"]
 
 _TASKS = list(typing.get_args(Task))
 
@@ -98,6 +98,71 @@ def evaluate(
     if use_mlflow:
         run_id = evaluation.log_evaluation(result, tracking_uri=tracking, experiment=experiment)
         click.echo(f"MLflow run id: {run_id}")
+
+
+def _labelled(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    models: dict[str, str] = {}
+    for value in values:
+        label, separator, reference = value.partition("=")
+        if not separator or "://" in label:  # a bare reference labels itself
+            label, reference = value, value
+        if label in models:
+            raise click.BadParameter(f"label {label!r} given twice", param_hint="--model")
+        models[label] = reference
+    return models
+
+
+@click.command()
+@click.option(
+    "--model", "models", multiple=True, required=True, callback=_labelled, metavar="[LABEL=]REFERENCE",
+    help="A model to compare (repeatable; the first is the one measured against the others): "
+    "http://HOST:PORT/v1/enhance/TASK (served), models:/..., a checkpoint folder, 'dcp' or 'input'.",
+)  # fmt: skip
+@click.option("--data", "data_uri", required=True, help="Dataset folder (holding manifest.json).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--table", "table_path", type=click.Path(dir_okay=False), help="Write the Markdown table here.")
+@click.option("--picture", "picture_path", type=click.Path(dir_okay=False), help="Write the before/after picture (PNG) here.")
+@click.option("--picture-images", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else local SQLite.")
+def compare(
+    models: dict[str, str],
+    data_uri: str,
+    split: str,
+    table_path: str | None,
+    picture_path: str | None,
+    picture_images: int,
+    tracking_uri: str | None,
+) -> None:
+    """PSNR/SSIM of several models on one split, a table of them and a before/after picture."""
+    from pathlib import Path
+
+    from hdm_platform import compare as comparison
+    from hdm_platform.enhancers import HTTPEnhancerError
+
+    tracking = _default_tracking_uri(tracking_uri)
+    try:
+        results = comparison.compare_models(models, data_uri, split=split, tracking_uri=tracking)
+        picture = (
+            comparison.comparison_picture(models, data_uri, split=split, images=picture_images, tracking_uri=tracking)
+            if picture_path
+            else None
+        )
+    except (FileNotFoundError, ValueError, HTTPEnhancerError) as error:
+        raise click.ClickException(str(error)) from None
+    table = comparison.comparison_table(results)
+    click.echo(table)
+    first = next(iter(models))
+    for label, margin in comparison.margins(results).items():
+        verdict = "beats" if margin > 0 else "does NOT beat"
+        click.echo(f"{first} {verdict} {label} by {margin:+.2f} dB PSNR")
+    if table_path:
+        Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(table_path).write_text(table + "\n")
+        click.echo(f"table:   {table_path}")
+    if picture is not None and picture_path:
+        Path(picture_path).parent.mkdir(parents=True, exist_ok=True)
+        picture.save(picture_path)
+        click.echo(f"picture: {picture_path}")
 
 
 @click.group()
