@@ -160,6 +160,11 @@ def build_dataset(
     pairs = dataset.map_batches(
         transform, batch_format="numpy", batch_size=decode_batch_size, zero_copy_batch=True
     )
+    # Ray Data reserves half of the CPUs for its operators in equal shares by default; with
+    # four operators (list, read, repartition, decode) on a laptop's few CPUs that capped the
+    # decode step at about one task at a time (bench/data_pipeline.py). This pipeline is a
+    # straight line that only decoding keeps busy, so it takes the CPUs as they free up.
+    pairs.context.op_resource_reservation_enabled = False
     if not train:
         # Validation metrics and saved images come out in the same order every pass.
         pairs.context.execution_options.preserve_order = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,14 @@ from typing import Any
 import fsspec
 import pyarrow.fs
 import ray
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer
 
 from hdm_model.losses import VGG_WEIGHTS_HELP
@@ -45,6 +53,7 @@ __all__ = [
     "CHECKPOINT_SCORE",
     "TrainingOutcome",
     "build_trainer",
+    "export_model",
     "fit",
     "preflight",
     "ray_storage",
@@ -139,8 +148,12 @@ def build_trainer(
     mlflow_tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     fault_injection: FaultInjection | None = None,
+    callbacks: Sequence[UserCallback] = (),
 ) -> TorchTrainer:
-    """The ``TorchTrainer`` of an experiment (datasets, scaling, storage, checkpoint policy)."""
+    """The ``TorchTrainer`` of an experiment (datasets, scaling, storage, checkpoint policy).
+
+    ``callbacks`` go to the run's ``RunConfig``: a Tune trial passes ``TuneReportCallback``.
+    """
     data, train, scaling = config.data, config.train, config.scaling
     options = config.storage.storage_options()
     datasets = {
@@ -182,6 +195,7 @@ def build_trainer(
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
+            callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train.keep_checkpoints,
                 checkpoint_score_attribute=CHECKPOINT_SCORE,
@@ -236,15 +250,26 @@ def fit(config: ExperimentConfig, *, fault_injection: FaultInjection | None = No
     except BaseException:
         tracked.finish(failed=True)
         raise
-    outcome = _export(config, tracked, result.checkpoint, dict(result.metrics or {}))
+    outcome = export_model(
+        config, tracked, result.checkpoint, dict(result.metrics or {}), alias=config.mlflow.alias
+    )
     tracked.finish()
     return outcome
 
 
-def _export(
-    config: ExperimentConfig, tracked: TrackedRun, checkpoint: Any, metrics: dict[str, Any]
+def export_model(
+    config: ExperimentConfig,
+    tracked: TrackedRun,
+    checkpoint: Any,
+    metrics: dict[str, Any],
+    *,
+    alias: str | None,
 ) -> TrainingOutcome:
-    """Log the latest checkpoint's model to MLflow and register it (once per final step)."""
+    """Log a checkpoint's model to ``tracked`` and register it with ``alias`` (once per step).
+
+    ``metrics`` are the ones reported with ``checkpoint``; their ``step`` makes a repeated
+    export of the same checkpoint (a resumed run that had already finished) a no-op.
+    """
     common = dict(
         run_name=config.run_name(),
         storage_path=config.run.resolved_storage_path(),
@@ -272,7 +297,7 @@ def _export(
                 name=name,
                 source=model_uri,
                 run_id=tracked.run_id,
-                alias=config.mlflow.alias,
+                alias=alias,
                 tags={"task": config.task},
             )
             version = str(registered.version)
