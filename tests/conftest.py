@@ -128,3 +128,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def served_app(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> Iterator[object]:
+    """The HDM Serve applications running on a Ray head of their own, over HTTP on loopback.
+
+    Yields ``serving.ServedApp``: ``.base_url`` (the open application, ``http://127.0.0.1:PORT``),
+    ``.strict_url`` and ``.api_keys`` (API keys and tight limits), ``.models``,
+    ``.checkpoints``, ``.registered_model``, ``.tracking_uri``. See tests/serving.py.
+    """
+    from serving import running_served_app
+
+    with running_served_app(tmp_path_factory.mktemp("served-app"), mlflow_server) as app:
+        yield app

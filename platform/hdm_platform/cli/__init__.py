@@ -7,9 +7,12 @@ import click
 from hdm_platform import __version__
 from hdm_platform.cli.data import data
 from hdm_platform.cli.enhance import enhance, explain
+from hdm_platform.cli.local import local
 from hdm_platform.cli.model import model
+from hdm_platform.cli.serve import serve
 from hdm_platform.cli.submit import submit
-from hdm_platform.cli.train import evaluate, models, train
+from hdm_platform.cli.train import compare, evaluate, models, train
+from hdm_platform.cli.tune import tune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -24,5 +27,9 @@ main.add_command(explain)
 main.add_command(data)
 main.add_command(train)
 main.add_command(evaluate)
+main.add_command(compare)
 main.add_command(models)
 main.add_command(submit)
+main.add_command(serve)
+main.add_command(tune)
+main.add_command(local)
