@@ -6,11 +6,13 @@ pairs of real photos (hazy renderings of scikit-image's bundled photos, made by
 ``hdm data synth``), using the same number of CPU cores.
 
 * **Ray Data** (``hdm_platform.data.pipeline``): the pairs are Parquet shards in an S3
-  bucket served by moto on loopback, read by ``build_dataset`` + ``iter_pairs``.
+  bucket served by moto (``moto_server``, its own process) on loopback, read by ``build_dataset`` + ``iter_pairs``.
 * **Baseline**: the same PNG files on local disk, read the way BasicSR's
-  ``PairedImageDataset`` does (decode, convert the whole image to float32, paired random
-  crop, flip/rotate, HWC -> CHW tensor), with PIL for decoding, in a
-  ``torch.utils.data.DataLoader`` with ``num_workers`` = cores.
+  ``PairedImageDataset`` does (decode with OpenCV's ``cv2.imdecode`` as
+  ``basicsr.utils.imfrombytes`` does, convert the whole image to float32, paired random
+  crop, flip/rotate, HWC -> CHW tensor), in a ``torch.utils.data.DataLoader`` with
+  ``num_workers`` = cores; ``--baseline-decoder pil`` decodes with PIL instead (the
+  baseline of the first sessions' figures). OpenCV comes with the ``bench`` extra.
 
 Each side makes two timed passes over all pairs: a cold one (worker processes start and
 import their modules) and a warm one (the steady state of a long training run); Ray's
@@ -31,6 +33,8 @@ import io
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,10 +44,14 @@ import numpy as np
 import ray
 import s3fs
 import torch
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from ray.data import DataContext
 from torch.utils.data import DataLoader, Dataset
+
+try:
+    import cv2
+except ModuleNotFoundError:
+    raise SystemExit("the BasicSR baseline decodes with OpenCV: .venv/bin/pip install -e '.[bench]'") from None
 
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import build_dataset, iter_pairs
@@ -51,22 +59,34 @@ from hdm_platform.data.synth import synthesize
 from hdm_platform.data.writer import DatasetWriter, Row
 
 
-class PairedPNGFolder(Dataset):
-    """BasicSR's ``PairedImageDataset`` training path, with PIL instead of OpenCV."""
+def _decode_cv2(data: bytes) -> np.ndarray:
+    # basicsr.utils.imfrombytes(content, float32=True); BGR as in BasicSR (it flips later).
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).astype(np.float32) / 255.0
 
-    def __init__(self, root: Path, crop_size: int) -> None:
+
+def _decode_pil(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
+
+
+BASELINE_DECODERS = {"cv2": _decode_cv2, "pil": _decode_pil}
+
+
+class PairedPNGFolder(Dataset):
+    """BasicSR's ``PairedImageDataset`` training path."""
+
+    def __init__(self, root: Path, crop_size: int, decoder: str) -> None:
         self.inputs = sorted((root / "input").iterdir())
         self.targets = sorted((root / "target").iterdir())
         self.crop_size = crop_size
+        self.decode = BASELINE_DECODERS[decoder]
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    @staticmethod
-    def _load(path: Path) -> np.ndarray:
-        # basicsr.utils.imfrombytes(..., float32=True): the whole image as float32 in [0, 1].
-        with Image.open(io.BytesIO(path.read_bytes())) as image:
-            return np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
+    def _load(self, path: Path) -> np.ndarray:
+        # The whole image as float32 in [0, 1], as BasicSR loads it.
+        return self.decode(path.read_bytes())
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         target, source = self._load(self.targets[index]), self._load(self.inputs[index])
@@ -97,11 +117,28 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start_s3() -> tuple[ThreadedMotoServer, str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+def _start_s3() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server in its own process, as S3 is a service apart from the reader.
+
+    (In the benchmark's own process its request handling would share the GIL with the
+    consumer of the batches.)
+    """
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto_server did not start on port {port}") from None
+            time.sleep(0.2)
     # Set before ray.init so that the Ray workers inherit the credentials too.
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench",
@@ -161,9 +198,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--shard-mb", type=float, default=16.0, help="encoded image MiB per Parquet shard")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--baseline-decoder", choices=sorted(BASELINE_DECODERS), default="cv2")
     args = parser.parse_args()
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log
     server, endpoint = _start_s3()
     try:
         uri = "s3://bench/synth-dehaze"
@@ -183,7 +220,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             _export_pngs(manifest, Path(folder))
             loader = DataLoader(
-                PairedPNGFolder(Path(folder), args.crop), batch_size=args.batch, shuffle=True, num_workers=args.cores
+                PairedPNGFolder(Path(folder), args.crop, args.baseline_decoder), batch_size=args.batch, shuffle=True, num_workers=args.cores
             )
             baseline = _pairs_per_second(lambda: loader, manifest.rows)
 
@@ -198,10 +235,11 @@ def main() -> None:
         finally:
             ray.shutdown()
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, ray {ray.__version__}; using {args.cores}")
-    for name, rates in (("ray data, parquet on s3 (moto)", pipeline), ("dataloader, png on local disk", baseline)):
+    for name, rates in (("ray data, parquet on s3 (moto)", pipeline), (f"dataloader ({args.baseline_decoder}), png on local disk", baseline)):
         print(f"{name}: cold {rates[0]:6.1f} pairs/s, warm {rates[1]:6.1f} pairs/s "
               f"({rates[1] / args.cores:.1f} per core)")
     print(f"ratio ray / dataloader: warm {pipeline[1] / baseline[1]:.2f}x, cold {pipeline[0] / baseline[0]:.2f}x "

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow.fs
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -21,7 +23,16 @@ from PIL import Image
 from ray.data import DataContext
 
 from hdm_platform.data.manifest import Manifest
-from hdm_platform.data.pipeline import CorruptPairError, PairTransform, build_dataset, iter_pairs, split_rows
+from hdm_platform.data.pipeline import (
+    CorruptPairError,
+    PairTransform,
+    _arrow_filesystem,
+    build_dataset,
+    decode_rgb,
+    iter_pairs,
+    split_rows,
+)
+from hdm_platform.data.storage import open_filesystem
 from hdm_platform.data.writer import DatasetWriter, Row
 
 CROP = 16
@@ -284,3 +295,82 @@ def test_bad_arguments_are_rejected(ray_cluster, dataset_uri):
     dataset = build_dataset(dataset_uri, "val", crop_size=CROP, train=False)
     with pytest.raises(ValueError, match="at least batch_size"):
         next(iter_pairs(dataset, batch_size=4, local_shuffle_buffer_size=2))
+
+
+def _encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def _photo_like() -> np.ndarray:
+    """Smooth RGB content (an upscaled random image), so JPEG keeps chroma detail."""
+    noise = np.random.default_rng(0).integers(0, 256, (19, 27, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(noise).resize((54, 38), Image.Resampling.BILINEAR))
+
+
+_MODES = {
+    "png-rgb": lambda rgb: _encoded(Image.fromarray(rgb), "PNG"),
+    "png-grey": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "PNG"),
+    "png-palette": lambda rgb: _encoded(Image.fromarray(rgb).quantize(64), "PNG"),
+    "png-palette-transparency": lambda rgb: _encoded(Image.fromarray(rgb).quantize(64), "PNG", transparency=0),
+    "png-rgba": lambda rgb: _encoded(Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "PNG"),
+    "png-grey-alpha": lambda rgb: _encoded(Image.fromarray(rgb).convert("LA"), "PNG"),
+    "jpeg-rgb": lambda rgb: _encoded(Image.fromarray(rgb), "JPEG", quality=90),
+    "jpeg-progressive": lambda rgb: _encoded(Image.fromarray(rgb), "JPEG", progressive=True),
+    "jpeg-grey": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "JPEG"),
+    "jpeg-cmyk": lambda rgb: _encoded(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+    "bmp": lambda rgb: _encoded(Image.fromarray(rgb), "BMP"),
+    "webp-lossless": lambda rgb: _encoded(Image.fromarray(rgb), "WEBP", lossless=True),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+def test_decode_rgb_gives_pils_rgb_pixels_for_every_8_bit_mode(mode):
+    # The pipeline decodes PNG and JPEG with torchvision, everything else with PIL; the
+    # pixels must not depend on which, so training and evaluation see the same images.
+    data = _MODES[mode](_photo_like())
+    with Image.open(io.BytesIO(data)) as image:
+        expected = np.asarray(image.convert("RGB"))
+    decoded = decode_rgb(data)
+    assert decoded.dtype == np.uint8 and decoded.shape == (38, 54, 3)
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_decode_rgb_rounds_16_bit_png_to_8_bits():
+    levels = np.array([[0, 128, 257, 32896, 65535, 65407]], dtype=np.uint16)
+    decoded = decode_rgb(_encoded(Image.fromarray(levels), "PNG"))
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[0, :, 0], [0, 0, 1, 128, 255, 255])
+    np.testing.assert_array_equal(decoded[..., 0], decoded[..., 2])
+
+
+def test_decode_rgb_refuses_a_truncated_png_with_value_error():
+    with pytest.raises(ValueError):
+        decode_rgb(_MODES["png-rgb"](_photo_like())[:80])
+
+
+def test_shards_are_read_as_native_arrow_filesystems(tmp_path):
+    local, _ = open_filesystem(str(tmp_path))
+    assert isinstance(_arrow_filesystem(local), pyarrow.fs.LocalFileSystem)
+    s3, _ = open_filesystem(
+        "s3://bucket/data", {"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1", "key": "k", "secret": "s"}
+    )
+    arrow_s3 = _arrow_filesystem(s3)
+    assert isinstance(arrow_s3, pyarrow.fs.S3FileSystem)
+    options = arrow_s3.__reduce__()[1][0]
+    assert (options["endpoint_override"], options["scheme"], options["region"]) == ("127.0.0.1:9000", "http", "eu-west-1")
+    assert (options["access_key"], options["secret_key"]) == ("k", "s")
+    memory, _ = open_filesystem("memory://data")
+    assert isinstance(_arrow_filesystem(memory), pyarrow.fs.PyFileSystem)
+
+
+def test_each_read_task_takes_one_decode_batch(ray_cluster, tmp_path):
+    rows = [pair_row(f"train/{index}", "train", coordinate_image(20, 20, index % 256)) for index in range(80)]
+    manifest = write_dataset(str(tmp_path), rows, shard_size=2**30)
+    (shard_uri,) = manifest.shard_uris("train")
+    row_groups = pq.ParquetFile(shard_uri).metadata
+    assert [row_groups.row_group(i).num_rows for i in range(row_groups.num_row_groups)] == [32, 32, 16]
+    dataset = build_dataset(str(tmp_path), "train", crop_size=CROP, train=True, seed=0, decode_batch_size=32)
+    assert len(by_id(dataset)) == 80
+    assert "ReadFilesParquetV2: 3 tasks executed" in dataset.stats()

@@ -36,13 +36,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow.fs
 import ray.data
+import s3fs
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from ray.data import FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
@@ -74,22 +78,54 @@ _SOURCE_COLUMNS = ["id", "input", "target"]
 # Ray's Parquet reader starts this many footer-reading actors on every pass over the data
 # (default 32, sized for listing thousands of files on a cluster). A manifest names a few
 # shards, and on a laptop 32 actor start-ups cost seconds per epoch; one actor reads
-# footers with 128 concurrent requests. An operator's own setting of the variable wins.
+# footers with 128 concurrent requests.
 _FOOTER_READERS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FOOTER_READERS = 1
+# Ray packs Parquet row groups into read units of this many bytes (default 128 MiB: a whole
+# small dataset in one task). The pipeline sets it to one decode batch of pairs, so that
+# reading and decoding fuse into one task per unit (no copy of the encoded bytes through
+# the object store in between) and every CPU gets units to decode.
+_READ_UNIT_BYTES_VARIABLE = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
 
 
 @contextlib.contextmanager
-def _footer_readers(count: int) -> Iterator[None]:
-    """Sets Ray's footer-reader count while ``read_parquet`` builds its (pickled) indexer."""
-    if _FOOTER_READERS_VARIABLE in os.environ:
-        yield
-        return
-    os.environ[_FOOTER_READERS_VARIABLE] = str(count)
+def _reader_settings(settings: dict[str, str]) -> Iterator[None]:
+    """Sets Ray reader variables while ``read_parquet`` plans the read.
+
+    Ray reads them when ``read_parquet`` builds its (pickled) lister and partitioner, so
+    they need not outlive the call. A variable the operator has set wins.
+    """
+    added = {name: value for name, value in settings.items() if name not in os.environ}
+    os.environ.update(added)
     try:
         yield
     finally:
-        os.environ.pop(_FOOTER_READERS_VARIABLE, None)
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _arrow_filesystem(filesystem: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
+    """The pyarrow filesystem Ray's Parquet reader gets for an fsspec filesystem.
+
+    S3 and the local disk get pyarrow's native (C++) filesystems with the same endpoint,
+    region and credentials; reading shards from S3 through the Python wrapper of s3fs cost
+    the read tasks a third more CPU than decoding alone (bench/RESULTS.md). Every other
+    fsspec filesystem is wrapped as it is.
+    """
+    if isinstance(filesystem, LocalFileSystem):
+        return pyarrow.fs.LocalFileSystem()
+    if isinstance(filesystem, s3fs.S3FileSystem):
+        options: dict[str, Any] = {"anonymous": bool(filesystem.anon)}
+        if filesystem.key or filesystem.secret:
+            options.update(access_key=filesystem.key, secret_key=filesystem.secret, session_token=filesystem.token)
+        region = (filesystem.client_kwargs or {}).get("region_name")
+        if region:
+            options["region"] = region
+        if filesystem.endpoint_url:
+            endpoint = urllib.parse.urlsplit(filesystem.endpoint_url)
+            options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
+        return pyarrow.fs.S3FileSystem(**options)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
 
 
 def _load_manifest(manifest_uri: str, split: str, storage_options: dict | None) -> Manifest:
@@ -152,24 +188,25 @@ def build_dataset(
     shuffle: FileShuffleConfig | None = None
     if train:
         shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    with _footer_readers(_FOOTER_READERS):
+    shards = manifest.splits[split].shards
+    bytes_per_pair = sum(shard.bytes for shard in shards) / max(manifest.splits[split].rows, 1)
+    read_unit_bytes = max(1, round(bytes_per_pair * decode_batch_size))
+    settings = {_FOOTER_READERS_VARIABLE: str(_FOOTER_READERS), _READ_UNIT_BYTES_VARIABLE: str(read_unit_bytes)}
+    with _reader_settings(settings):
         dataset = ray.data.read_parquet(
             [filesystem._strip_protocol(uri) for uri in shard_uris],
-            filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem)),
+            filesystem=_arrow_filesystem(filesystem),
             shuffle=shuffle,
             include_paths=True,
         ).select_columns([*_SOURCE_COLUMNS, PATH_COLUMN])
-    # Parquet reads come in ~128 MiB read units, a whole small dataset in one task; cutting
-    # them into blocks of a decode batch lets every CPU decode in parallel, streaming.
-    dataset = dataset.repartition(target_num_rows_per_block=decode_batch_size)
     transform = PairTransform(crop_size=crop_size, random_crop=train, augment=train and augment, seed=seed)
     pairs = dataset.map_batches(
         transform, batch_format="numpy", batch_size=decode_batch_size, zero_copy_batch=True
     )
     # Ray Data reserves half of the CPUs for its operators in equal shares by default; with
-    # four operators (list, read, repartition, decode) on a laptop's few CPUs that capped the
-    # decode step at about one task at a time (bench/data_pipeline.py). This pipeline is a
-    # straight line that only decoding keeps busy, so it takes the CPUs as they free up.
+    # several operators on a laptop's few CPUs that capped the decode step at about one
+    # task at a time (bench/data_pipeline.py). This pipeline is a straight line that only
+    # decoding keeps busy, so it takes the CPUs as they free up.
     pairs.context.op_resource_reservation_enabled = False
     if not train:
         # Validation metrics and saved images come out in the same order every pass.

@@ -49,7 +49,10 @@ __all__ = [
 
 DEFAULT_SHARD_SIZE = 256 * 2**20
 SHARDS_DIR = "shards"
-# Readers stream a row group at a time; ~32 MiB keeps their memory flat on 256 MiB shards.
+# A row group is the smallest unit a Ray Data read task can take, so it holds about one
+# decode batch of pairs (hdm_platform.data.pipeline.CROPPED_DECODE_BATCH_SIZE), and at
+# most ~32 MiB so that readers' memory stays flat with large photos.
+_ROW_GROUP_ROWS = 32
 _ROW_GROUP_BYTES = 32 * 2**20
 # Statistics on encoded image bytes would only bloat the footer.
 _STATISTICS_COLUMNS = ["id", "task", "split", "width", "height"]
@@ -246,7 +249,7 @@ class DatasetWriter:
             schema=ROW_SCHEMA,
         )
         total = sum(row.nbytes for row in rows)
-        row_group_size = max(1, math.ceil(len(rows) * _ROW_GROUP_BYTES / max(total, 1)))
+        row_group_size = min(_ROW_GROUP_ROWS, max(1, math.ceil(len(rows) * _ROW_GROUP_BYTES / max(total, 1))))
         sink = pa.BufferOutputStream()
         pq.write_table(
             table,
