@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import socket
 import subprocess

@@ -82,9 +82,9 @@ _SOURCE_COLUMNS = ["id", "input", "target"]
 _FOOTER_READERS_VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _FOOTER_READERS = 1
 # Ray packs Parquet row groups into read units of this many bytes (default 128 MiB: a whole
-# small dataset in one task). The pipeline sets it to one decode batch of pairs, so that
-# reading and decoding fuse into one task per unit (no copy of the encoded bytes through
-# the object store in between) and every CPU gets units to decode.
+# small dataset in one task). The pipeline sets it to one decode batch of pairs, so every
+# CPU gets units to decode without a repartition step, which copied all the encoded bytes
+# through the object store once more.
 _READ_UNIT_BYTES_VARIABLE = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
 
 
@@ -188,8 +188,8 @@ def build_dataset(
     shuffle: FileShuffleConfig | None = None
     if train:
         shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    shards = manifest.splits[split].shards
-    bytes_per_pair = sum(shard.bytes for shard in shards) / max(manifest.splits[split].rows, 1)
+    split_info = manifest.splits[split]
+    bytes_per_pair = sum(shard.bytes for shard in split_info.shards) / max(split_info.rows, 1)
     read_unit_bytes = max(1, round(bytes_per_pair * decode_batch_size))
     settings = {_FOOTER_READERS_VARIABLE: str(_FOOTER_READERS), _READ_UNIT_BYTES_VARIABLE: str(read_unit_bytes)}
     with _reader_settings(settings):
