@@ -18,6 +18,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import ray
+import s3fs
 import torch
 from PIL import Image
 from ray.data import DataContext
@@ -312,6 +313,10 @@ def _photo_like() -> np.ndarray:
 _MODES = {
     "png-rgb": lambda rgb: _encoded(Image.fromarray(rgb), "PNG"),
     "png-grey": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "PNG"),
+    "png-1-bit": lambda rgb: _encoded(Image.fromarray(rgb[..., 0] > 128), "PNG"),
+    "png-grey-transparency": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "PNG", transparency=5),
+    "png-rgb-transparency": lambda rgb: _encoded(Image.fromarray(rgb), "PNG", transparency=(10, 20, 30)),
+    "png-palette-4-bit": lambda rgb: _encoded(Image.fromarray(rgb).quantize(16), "PNG", bits=4),
     "png-palette": lambda rgb: _encoded(Image.fromarray(rgb).quantize(64), "PNG"),
     "png-palette-transparency": lambda rgb: _encoded(Image.fromarray(rgb).quantize(64), "PNG", transparency=0),
     "png-rgba": lambda rgb: _encoded(Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "PNG"),
@@ -327,8 +332,8 @@ _MODES = {
 
 @pytest.mark.parametrize("mode", sorted(_MODES))
 def test_decode_rgb_gives_pils_rgb_pixels_for_every_8_bit_mode(mode):
-    # The pipeline decodes PNG and JPEG with torchvision, everything else with PIL; the
-    # pixels must not depend on which, so training and evaluation see the same images.
+    # The pipeline decodes 8-bit PNG with libspng, JPEG with torchvision, everything else
+    # with PIL; the pixels must not depend on which, so every dataset is seen as PIL sees it.
     data = _MODES[mode](_photo_like())
     with Image.open(io.BytesIO(data)) as image:
         expected = np.asarray(image.convert("RGB"))
@@ -365,7 +370,25 @@ def test_shards_are_read_as_native_arrow_filesystems(tmp_path):
     assert isinstance(_arrow_filesystem(memory), pyarrow.fs.PyFileSystem)
 
 
-def test_each_read_task_takes_one_decode_batch(ray_cluster, tmp_path):
+def test_s3_keys_from_the_environment_are_passed_to_pyarrow(monkeypatch):
+    # Without keys pyarrow builds AWS's whole default credentials chain in every read task.
+    endpoint = {"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1"}
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3, _ = open_filesystem("s3://bucket/data", endpoint)
+    assert _arrow_filesystem(s3).__reduce__()[1][0]["access_key"] is None
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "env-token")
+    options = _arrow_filesystem(s3).__reduce__()[1][0]
+    assert (options["access_key"], options["secret_key"], options["session_token"]) == ("env-key", "env-secret", "env-token")
+    anonymous, _ = open_filesystem("s3://bucket/data", {**endpoint, "anon": True})
+    options = _arrow_filesystem(anonymous).__reduce__()[1][0]
+    assert options["anonymous"] and options["access_key"] is None
+
+
+def test_each_read_task_reads_and_decodes_one_decode_batch(ray_cluster, tmp_path):
     rows = [pair_row(f"train/{index}", "train", coordinate_image(20, 20, index % 256)) for index in range(80)]
     manifest = write_dataset(str(tmp_path), rows, shard_size=2**30)
     (shard_uri,) = manifest.shard_uris("train")
@@ -373,4 +396,11 @@ def test_each_read_task_takes_one_decode_batch(ray_cluster, tmp_path):
     assert [row_groups.row_group(i).num_rows for i in range(row_groups.num_row_groups)] == [32, 32, 16]
     dataset = build_dataset(str(tmp_path), "train", crop_size=CROP, train=True, seed=0, decode_batch_size=32)
     assert len(by_id(dataset)) == 80
-    assert "ReadFilesParquetV2: 3 tasks executed" in dataset.stats()
+    # Crops: the decode is fused into the read, one task per row group.
+    assert "ReadFilesParquetV2->MapBatches(PairTransform): 3 tasks executed" in dataset.stats()
+    validation = build_dataset(str(tmp_path), "train", crop_size=None, train=False, decode_batch_size=8)
+    assert len(by_id(validation)) == 80
+    # Full images: a read task per row group, then decode tasks calling the transform
+    # with 8 pairs at a time.
+    stats = validation.stats()
+    assert "ReadFilesParquetV2: 3 tasks executed" in stats and "MapBatches(PairTransform): 3 tasks executed" in stats
