@@ -48,21 +48,18 @@ def decode_rgb(data: bytes) -> np.ndarray:
     every dataset feeds the network three 8-bit channels; 16-bit PNGs are rounded to
     8 bits. Raises ``ValueError`` (or PIL's ``OSError``) for data that is not an image.
     """
-    if data.startswith(_PNG_SIGNATURE) and len(data) > _PNG_BIT_DEPTH_OFFSET and data[_PNG_BIT_DEPTH_OFFSET] <= 8:
-        try:
+    if not data.startswith((_PNG_SIGNATURE, _JPEG_SIGNATURE)):
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    try:
+        if data.startswith(_PNG_SIGNATURE) and data[_PNG_BIT_DEPTH_OFFSET : _PNG_BIT_DEPTH_OFFSET + 1] <= b"\x08":
             return pyspng.load(data, format="RGB")
-        except RuntimeError as error:
-            raise ValueError(str(error)) from error
-    if data.startswith((_PNG_SIGNATURE, _JPEG_SIGNATURE)):
-        try:
-            pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError as error:
-            raise ValueError(str(error)) from error
-        if pixels.dtype == torch.uint16:
-            pixels = pixels.float().div_(257.0).round_().to(torch.uint8)
-        return pixels.permute(1, 2, 0).numpy()
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise ValueError(str(error)) from error
+    if pixels.dtype == torch.uint16:
+        pixels = pixels.float().div_(257.0).round_().to(torch.uint8)
+    return pixels.permute(1, 2, 0).numpy()
 
 
 def _row_generator(seed: int | None, epoch: int, row_id: str) -> np.random.Generator:
