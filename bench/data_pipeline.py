@@ -22,7 +22,7 @@ The DataLoader keeps its workers between passes (``persistent_workers``). Prints
 for both sides, per core, and their ratios.
 
 An epoch of a real benchmark is thousands of pairs (RESIDE ITS: 13,990), while Ray Data
-pays a fixed few seconds per pass (listing, Parquet footers, task start-up). ``--copies``
+pays a fixed second or two per pass (starting its executor and the first read tasks). ``--copies``
 stores every rendered pair that many times (distinct ids, same bytes) so the pass has an
 epoch's length without minutes of rendering; ``--copies 1`` measures the bare 200 pairs.
 

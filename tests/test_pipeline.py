@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
@@ -27,12 +30,12 @@ from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import (
     CorruptPairError,
     PairTransform,
-    _arrow_filesystem,
     build_dataset,
     decode_rgb,
     iter_pairs,
     split_rows,
 )
+from hdm_platform.data.source import ShardDatasource, arrow_filesystem
 from hdm_platform.data.storage import open_filesystem
 from hdm_platform.data.writer import DatasetWriter, Row
 
@@ -357,17 +360,17 @@ def test_decode_rgb_refuses_a_truncated_png_with_value_error():
 
 def test_shards_are_read_as_native_arrow_filesystems(tmp_path):
     local, _ = open_filesystem(str(tmp_path))
-    assert isinstance(_arrow_filesystem(local), pyarrow.fs.LocalFileSystem)
+    assert isinstance(arrow_filesystem(local), pyarrow.fs.LocalFileSystem)
     s3, _ = open_filesystem(
         "s3://bucket/data", {"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1", "key": "k", "secret": "s"}
     )
-    arrow_s3 = _arrow_filesystem(s3)
+    arrow_s3 = arrow_filesystem(s3)
     assert isinstance(arrow_s3, pyarrow.fs.S3FileSystem)
     options = arrow_s3.__reduce__()[1][0]
     assert (options["endpoint_override"], options["scheme"], options["region"]) == ("127.0.0.1:9000", "http", "eu-west-1")
     assert (options["access_key"], options["secret_key"]) == ("k", "s")
     memory, _ = open_filesystem("memory://data")
-    assert isinstance(_arrow_filesystem(memory), pyarrow.fs.PyFileSystem)
+    assert isinstance(arrow_filesystem(memory), pyarrow.fs.PyFileSystem)
 
 
 def test_s3_keys_from_the_environment_are_passed_to_pyarrow(monkeypatch):
@@ -377,14 +380,14 @@ def test_s3_keys_from_the_environment_are_passed_to_pyarrow(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
     s3, _ = open_filesystem("s3://bucket/data", endpoint)
-    assert _arrow_filesystem(s3).__reduce__()[1][0]["access_key"] is None
+    assert arrow_filesystem(s3).__reduce__()[1][0]["access_key"] is None
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "env-token")
-    options = _arrow_filesystem(s3).__reduce__()[1][0]
+    options = arrow_filesystem(s3).__reduce__()[1][0]
     assert (options["access_key"], options["secret_key"], options["session_token"]) == ("env-key", "env-secret", "env-token")
     anonymous, _ = open_filesystem("s3://bucket/data", {**endpoint, "anon": True})
-    options = _arrow_filesystem(anonymous).__reduce__()[1][0]
+    options = arrow_filesystem(anonymous).__reduce__()[1][0]
     assert options["anonymous"] and options["access_key"] is None
 
 
@@ -397,10 +400,70 @@ def test_each_read_task_reads_and_decodes_one_decode_batch(ray_cluster, tmp_path
     dataset = build_dataset(str(tmp_path), "train", crop_size=CROP, train=True, seed=0, decode_batch_size=32)
     assert len(by_id(dataset)) == 80
     # Crops: the decode is fused into the read, one task per row group.
-    assert "ReadFilesParquetV2->MapBatches(PairTransform): 3 tasks executed" in dataset.stats()
+    assert "ReadShards->MapBatches(PairTransform): 3 tasks executed" in dataset.stats()
     validation = build_dataset(str(tmp_path), "train", crop_size=None, train=False, decode_batch_size=8)
     assert len(by_id(validation)) == 80
     # Full images: a read task per row group, then decode tasks calling the transform
     # with 8 pairs at a time.
     stats = validation.stats()
-    assert "ReadFilesParquetV2: 3 tasks executed" in stats and "MapBatches(PairTransform): 3 tasks executed" in stats
+    assert "ReadShards: 3 tasks executed" in stats and "MapBatches(PairTransform): 3 tasks executed" in stats
+
+
+def test_read_units_pack_whole_row_groups_of_one_shard(tmp_path):
+    rows = [pair_row(f"train/{index}", "train", coordinate_image(8, 8, index)) for index in range(80)]
+    manifest = write_dataset(str(tmp_path), rows, shard_size=2**30)  # one shard, row groups of 32, 32, 16
+    filesystem, _ = open_filesystem(str(tmp_path))
+
+    def units(unit_rows: int) -> list[tuple[tuple[int, ...], int]]:
+        source = ShardDatasource(
+            manifest.shard_uris("train"), filesystem, columns=["id"], unit_rows=unit_rows, shuffle=False, seed=None
+        )
+        return [(unit.row_groups, unit.rows) for unit in source.units]
+
+    assert units(32) == [((0,), 32), ((1,), 32), ((2,), 16)]
+    assert units(64) == [((0, 1), 64), ((2,), 16)]
+    assert units(8) == [((0,), 32), ((1,), 32), ((2,), 16)]  # a row group is never split
+    assert units(1000) == [((0, 1, 2), 80)]
+
+
+def test_read_units_come_in_a_new_reproducible_order_every_epoch(dataset_uri):
+    manifest = Manifest.load(dataset_uri)
+    shard_uris = manifest.shard_uris("train")  # one pair per shard
+    filesystem, _ = open_filesystem(dataset_uri)
+
+    def read_order(shuffle: bool, seed: int | None, epoch: int) -> list[str]:
+        source = ShardDatasource(shard_uris, filesystem, columns=["id"], unit_rows=32, shuffle=shuffle, seed=seed)
+        context = DataContext.get_current().copy()
+        context._execution_idx = epoch
+        tasks = source.get_read_tasks(1, data_context=context)
+        return [task.metadata.input_files[0] for task in tasks]
+
+    epochs = [read_order(True, 7, epoch) for epoch in range(3)]
+    assert all(sorted(order) == sorted(shard_uris) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3
+    assert [read_order(True, 7, epoch) for epoch in range(3)] == epochs
+    assert read_order(True, 8, 0) != epochs[0]
+    assert read_order(False, 7, 2) == shard_uris
+
+
+def test_read_units_carry_their_rows_and_shard_uri(dataset_uri):
+    manifest = Manifest.load(dataset_uri)
+    filesystem, _ = open_filesystem(dataset_uri)
+    source = ShardDatasource(
+        manifest.shard_uris("val"), filesystem, columns=["id", "width"], unit_rows=32, shuffle=False, seed=None
+    )
+    (table,) = [table for task in source.get_read_tasks(1) for table in task()][:1]
+    assert table.column_names == ["id", "width", "path"]
+    assert table.to_pylist() == [{"id": "val/0", "width": 24, "path": manifest.shard_uris("val")[0]}]
+
+
+def test_a_missing_or_foreign_shard_is_named_when_the_dataset_is_built(ray_cluster, tmp_path):
+    rows = [pair_row(f"train/{index}", "train", coordinate_image(20, 20, index)) for index in range(3)]
+    manifest = write_dataset(str(tmp_path), rows)
+    first, second, _ = manifest.shard_uris("train")
+    Path(second).unlink()
+    with pytest.raises(OSError, match=rf"cannot read the Parquet footer of shard {re.escape(second)}"):
+        build_dataset(str(tmp_path), "train", crop_size=CROP, train=True)
+    pq.write_table(pa.table({"id": ["x"]}), first)  # a Parquet file without the image columns
+    with pytest.raises(ValueError, match=rf"shard {re.escape(first)} lacks the column\(s\) input, target"):
+        build_dataset(str(tmp_path), "train", crop_size=CROP, train=True)

@@ -25,10 +25,9 @@ from PIL import Image
 from ray.data import DataContext
 from torchvision.io import ImageReadMode, decode_image
 
-__all__ = ["PATH_COLUMN", "CorruptPairError", "PairTransform", "decode_rgb"]
+from hdm_platform.data.source import PATH_COLUMN
 
-# Set by read_parquet(include_paths=True): which shard a row came from, for error messages.
-PATH_COLUMN = "path"
+__all__ = ["CorruptPairError", "PairTransform", "decode_rgb"]
 
 
 class CorruptPairError(ValueError):
