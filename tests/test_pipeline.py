@@ -467,3 +467,13 @@ def test_a_missing_or_foreign_shard_is_named_when_the_dataset_is_built(ray_clust
     pq.write_table(pa.table({"id": ["x"]}), first)  # a Parquet file without the image columns
     with pytest.raises(ValueError, match=rf"shard {re.escape(first)} lacks the column\(s\) input, target"):
         build_dataset(str(tmp_path), "train", crop_size=CROP, train=True)
+
+
+def test_a_shard_gone_after_the_dataset_was_built_is_named_by_the_read(ray_cluster, tmp_path):
+    rows = [pair_row(f"train/{index}", "train", coordinate_image(20, 20, index)) for index in range(2)]
+    manifest = write_dataset(str(tmp_path), rows)
+    dataset = build_dataset(str(tmp_path), "train", crop_size=CROP, train=False)
+    gone = manifest.shard_uris("train")[1]
+    Path(gone).unlink()
+    with pytest.raises(Exception, match=rf"cannot read row groups \[0\] of shard {re.escape(gone)}"):
+        by_id(dataset)
