@@ -23,7 +23,7 @@ import os
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -85,13 +85,18 @@ def arrow_filesystem(filesystem: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSy
 
 @dataclass(frozen=True)
 class ReadUnit:
-    """Consecutive row groups of one shard: what one read task reads."""
+    """Consecutive row groups of one shard: what one read task reads.
+
+    Carries the shard's footer, read when the dataset was built, so a read task does not
+    fetch it again.
+    """
 
     shard_uri: str
     path: str
     row_groups: tuple[int, ...]
     rows: int
     bytes: int
+    footer: pq.FileMetaData = field(compare=False, repr=False)
 
 
 class ShardDatasource(Datasource):
@@ -185,13 +190,13 @@ def _pack(uri: str, path: str, footer: pq.FileMetaData, unit_rows: int) -> Itera
     for index in range(footer.num_row_groups):
         group = footer.row_group(index)
         if groups and rows + group.num_rows > unit_rows:
-            yield ReadUnit(uri, path, tuple(groups), rows, size)
+            yield ReadUnit(uri, path, tuple(groups), rows, size, footer)
             groups, rows, size = [], 0, 0
         groups.append(index)
         rows += group.num_rows
         size += group.total_byte_size
     if groups:
-        yield ReadUnit(uri, path, tuple(groups), rows, size)
+        yield ReadUnit(uri, path, tuple(groups), rows, size, footer)
 
 
 def _read_unit(filesystem: pyarrow.fs.FileSystem, unit: ReadUnit, columns: list[str]) -> Iterator[pa.Table]:
@@ -200,7 +205,8 @@ def _read_unit(filesystem: pyarrow.fs.FileSystem, unit: ReadUnit, columns: list[
             # pre_buffer: the unit's column chunks in coalesced, concurrent requests, which
             # pyarrow advises for high-latency filesystems such as S3 (no measurable
             # difference on loopback).
-            table = pq.ParquetFile(file, pre_buffer=True).read_row_groups(list(unit.row_groups), columns=columns)
+            parquet = pq.ParquetFile(file, metadata=unit.footer, pre_buffer=True)
+            table = parquet.read_row_groups(list(unit.row_groups), columns=columns)
     except (OSError, pa.ArrowException) as error:
         raise OSError(f"cannot read row groups {list(unit.row_groups)} of shard {unit.shard_uri}: {error}") from error
     yield table.append_column(PATH_COLUMN, pa.array([unit.shard_uri] * table.num_rows, pa.string()))
