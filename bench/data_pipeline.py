@@ -59,7 +59,7 @@ except ModuleNotFoundError:
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import build_dataset, iter_pairs
 from hdm_platform.data.synth import synthesize
-from hdm_platform.data.writer import DatasetWriter, Row
+from hdm_platform.data.shard_writer import DatasetWriter, Row
 
 
 def _decode_cv2(data: bytes) -> np.ndarray:

@@ -12,7 +12,7 @@ replica slowed by other work on the machine.
 
 Baseline, measured in the same run before and after each size's cases (their mean; both
 are printed, since a shared machine drifts): the enhancer
-``hdm_platform.enhancers.load_enhancer`` in this process, at the replica's precision and on
+``hdm_platform.model_refs.load_enhancer`` in this process, at the replica's precision and on
 as many torch threads as the replica has CPUs, called back to back on one decoded image:
 the model alone, with no decoding, encoding or transport. Goal: HTTP / in-process >= 0.85
 at concurrency 4 and above, with zero errors.
@@ -54,7 +54,7 @@ from PIL import Image
 
 from hdm_model import build_hdm, save_checkpoint, variant_config
 from hdm_model.inference import resolve_precision
-from hdm_platform.enhancers import load_enhancer
+from hdm_platform.model_refs import load_enhancer
 from hdm_platform.imageio import read_image
 from hdm_platform.serve.control import deploy, remove_application, wait_until_running
 

@@ -2,7 +2,7 @@
 
 from hdm_model.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from hdm_model.config import HDMConfig
-from hdm_model.hdm import (
+from hdm_model.model import (
     HDM,
     VARIANTS,
     build_hdm,

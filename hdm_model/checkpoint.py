@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hdm_model.config import HDMConfig
-from hdm_model.hdm import HDM
+from hdm_model.model import HDM
 
 __all__ = [
     "CONFIG_FILE",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hdm_model.hdm import FEATURE_STRIDE, HDM, pad_to_multiple
+from hdm_model.model import FEATURE_STRIDE, HDM, pad_to_multiple
 
 __all__ = [
     "DEFAULT_TILE",

@@ -48,7 +48,7 @@ $hdm train --config "$config" --set data.uri="$dataset" --set run.name="$run_nam
   | tee "$out/train.txt"
 version=$(sed -n 's/^registered version: *[^ ]* v\([0-9]*\)$/\1/p' "$out/train.txt")
 [ -n "$version" ] || { echo "training registered no model version"; exit 1; }
-$hdm models promote dehaze "$version" --alias champion
+$hdm model promote dehaze "$version" --alias champion
 
 step 5 "serving models:/hdm-dehaze@champion with Ray Serve (serve_configs/local.yaml)"
 $hdm serve up serve_configs/local.yaml --set http_options.port="$HDM_SERVE_PORT"

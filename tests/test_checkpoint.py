@@ -19,7 +19,7 @@ from hdm_model import (
     save_checkpoint,
     variant_config,
 )
-from hdm_model.hdm import build_hdm
+from hdm_model.model import build_hdm
 
 TINY = {"channels": 16, "blocks_per_group": 1, "num_groups": 1}
 

@@ -14,8 +14,8 @@ from PIL import Image
 from hdm_model import build_hdm, enhance, save_checkpoint, variant_config
 from hdm_model.metrics import image_metrics
 from hdm_model.priors import dehaze
-from hdm_platform.cli.train import compare as compare_command
-from hdm_platform.cli.train import evaluate as evaluate_command
+from hdm_platform.cli.evaluate import compare as compare_command
+from hdm_platform.cli.evaluate import evaluate as evaluate_command
 from hdm_platform.data.synth import synthesize
 from hdm_platform.evaluate import iter_split_pairs
 

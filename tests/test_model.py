@@ -9,7 +9,7 @@ from torch import nn
 
 from hdm_model import HDM, VARIANTS, HDMConfig, build_hdm, hdm, hdm_b, hdm_f, variant_config
 from hdm_model.blocks import AttentionResidualBlock, ChannelAttention, PixelAttention, ResidualGroup
-from hdm_model.hdm import cascade_stages
+from hdm_model.model import cascade_stages
 from hdm_model.region import RegionDynamicBlock
 from hdm_model.structure import DeformableBlock
 from hdm_platform.cli.model import model as model_cli

@@ -35,9 +35,9 @@ from hdm_platform.data.pipeline import (
     iter_pairs,
     split_rows,
 )
-from hdm_platform.data.source import ShardDatasource, arrow_filesystem
+from hdm_platform.data.shard_source import ShardDatasource, arrow_filesystem
 from hdm_platform.data.storage import open_filesystem
-from hdm_platform.data.writer import DatasetWriter, Row
+from hdm_platform.data.shard_writer import DatasetWriter, Row
 
 CROP = 16
 

@@ -33,7 +33,7 @@ from click.testing import CliRunner
 from hdm_platform.cli.enhance import enhance as enhance_command
 from hdm_platform.cli.enhance import explain as explain_command
 from hdm_platform.config import ConfigError
-from hdm_platform.enhancers import HTTPEnhancerError, load_enhancer
+from hdm_platform.model_refs import HTTPEnhancerError, load_enhancer
 from hdm_platform.imageio import encode_image, read_image
 from hdm_platform.serve.auth import load_api_keys
 from hdm_platform.serve.control import read_serve_config, validate_serve_config

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from hdm_model import build_hdm, variant_config
-from hdm_platform.cli.train import models as models_command
+from hdm_platform.cli.model import model as models_command
 from hdm_platform.tracking import (
     MODEL_FILES,
     TrackedRun,

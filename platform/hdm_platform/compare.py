@@ -1,7 +1,7 @@
 """Several models on one split, side by side: a PSNR/SSIM table and a before/after picture.
 
 ``hdm compare`` (and the quickstart's last step) measures each model with
-:func:`hdm_platform.evaluate.evaluate` (any reference :mod:`hdm_platform.enhancers`
+:func:`hdm_platform.evaluate.evaluate` (any reference :mod:`hdm_platform.model_refs`
 resolves: a served endpoint, a registered model, a checkpoint, ``dcp``, ``input``) and says
 by how much the first model beats each of the others.
 """
@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms.functional import to_pil_image
 
-from hdm_platform.enhancers import load_enhancer
+from hdm_platform.model_refs import load_enhancer
 from hdm_platform.evaluate import EvaluationResult, evaluate, iter_split_pairs
 
 __all__ = ["comparison_picture", "comparison_table", "compare_models", "margins"]

@@ -18,7 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from hdm_model import HDMConfig, variant_config
-from hdm_model.hdm import VARIANTS
+from hdm_model.model import VARIANTS
+from hdm_platform.tasks import TASKS, Task, registered_model_name
 
 __all__ = [
     "ConfigError",
@@ -30,16 +31,15 @@ __all__ = [
     "RunConfig",
     "ScalingConfig",
     "StorageConfig",
+    "TASKS",
     "Task",
     "TrainConfig",
     "apply_overrides",
     "load_config",
     "local_home",
     "parse_overrides",
+    "resolve_tracking_uri",
 ]
-
-Task = Literal["dehaze", "derain", "lowlight"]
-
 
 class ConfigError(ValueError):
     """An experiment config that cannot be used; the message names the field."""
@@ -48,6 +48,16 @@ class ConfigError(ValueError):
 def local_home() -> Path:
     """Where the laptop defaults keep their state: ``$HDM_HOME`` or ``./.hdm``."""
     return Path(os.environ.get("HDM_HOME", ".hdm")).expanduser().resolve()
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """The MLflow tracking URI every command uses: ``explicit``, else ``$MLFLOW_TRACKING_URI``,
+    else SQLite under :func:`local_home`."""
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{local_home() / 'mlflow.db'}"
 
 
 class _Section(BaseModel):
@@ -172,11 +182,7 @@ class MLflowConfig(_Section):
     alias: str | None = "challenger"
 
     def resolved_tracking_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{local_home() / 'mlflow.db'}"
+        return resolve_tracking_uri(self.tracking_uri)
 
 
 class ExperimentConfig(_Section):
@@ -192,7 +198,7 @@ class ExperimentConfig(_Section):
     storage: StorageConfig = StorageConfig()
 
     def registered_model_name(self) -> str:
-        return self.mlflow.registered_model or f"hdm-{self.task}"
+        return self.mlflow.registered_model or registered_model_name(self.task)
 
     def run_name(self) -> str:
         return self.run.name or self.name

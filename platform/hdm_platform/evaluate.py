@@ -1,6 +1,6 @@
 """Full-reference evaluation of a model on one split of a dataset, as in the paper's tables.
 
-The model is anything :mod:`hdm_platform.enhancers` resolves: a registered version
+The model is anything :mod:`hdm_platform.model_refs` resolves: a registered version
 (``models:/hdm-dehaze@champion``), a checkpoint folder (local or any fsspec URI), ``dcp`` (the
 classic dark-channel-prior dehazer, the "DCP" column of the paper's Table 1) or ``input``
 (the degraded input itself, the "hazy" row of a comparison). Every pair of
@@ -33,7 +33,7 @@ from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import decode_rgb
 from hdm_platform.data.storage import open_filesystem, write_atomic
 from hdm_platform.tracking.mlflow_run import TrackedRun, source_tags
-from hdm_platform.enhancers import load_enhancer
+from hdm_platform.model_refs import load_enhancer
 
 __all__ = [
     "METRICS",

@@ -11,7 +11,8 @@ from hdm_platform.cli.local import local
 from hdm_platform.cli.model import model
 from hdm_platform.cli.serve import serve
 from hdm_platform.cli.submit import submit
-from hdm_platform.cli.train import compare, evaluate, models, train
+from hdm_platform.cli.evaluate import compare, evaluate
+from hdm_platform.cli.train import train
 from hdm_platform.cli.tune import tune
 
 
@@ -28,7 +29,6 @@ main.add_command(data)
 main.add_command(train)
 main.add_command(evaluate)
 main.add_command(compare)
-main.add_command(models)
 main.add_command(submit)
 main.add_command(serve)
 main.add_command(tune)

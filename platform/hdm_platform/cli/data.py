@@ -23,7 +23,7 @@ import click
 from hdm_platform.data.ingest import IngestError, ingest
 from hdm_platform.data.layouts import LAYOUTS
 from hdm_platform.data.manifest import SPLITS, TASKS
-from hdm_platform.data.writer import DEFAULT_SHARD_SIZE
+from hdm_platform.data.shard_writer import DEFAULT_SHARD_SIZE
 
 __all__ = ["data"]
 

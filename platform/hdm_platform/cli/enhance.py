@@ -13,9 +13,9 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from hdm_model.config import DCP_MASK_MODES, HDMConfig
-from hdm_model.hdm import FEATURE_STRIDE
+from hdm_model.model import FEATURE_STRIDE
 from hdm_model.inference import DEFAULT_TILE
-from hdm_platform.enhancers import UNTILED_MAX_PIXELS, load_enhancer, load_model
+from hdm_platform.model_refs import UNTILED_MAX_PIXELS, load_enhancer, load_model
 from hdm_platform.explain import LABEL_HEIGHT, MARGIN, PANEL_LONG_SIDE, explain_figure
 from hdm_platform.imageio import IMAGE_SUFFIXES, ImageError, read_image, write_image
 

@@ -1,4 +1,4 @@
-"""``hdm model``: inspect HDM architectures."""
+"""``hdm model``: inspect HDM architectures; list and promote registered versions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Any
 import click
 import yaml
 
-from hdm_model.hdm import VARIANTS, build_hdm, variant_config
+from hdm_model.model import VARIANTS, build_hdm, variant_config
+from hdm_platform.config import resolve_tracking_uri
+from hdm_platform.tasks import TASKS, registered_model_name
 
 __all__ = ["model", "parse_overrides"]
 
@@ -35,7 +37,7 @@ def parse_overrides(assignments: tuple[str, ...]) -> dict[str, Any]:
 
 @click.group()
 def model() -> None:
-    """Inspect HDM model architectures."""
+    """Model architectures, and the registered models (one per task: hdm-dehaze, hdm-derain, hdm-lowlight)."""
 
 
 @model.command()
@@ -73,3 +75,40 @@ def summary(variant: str, assignments: tuple[str, ...]) -> None:
     for name, count in counts.items():
         click.echo(f"  {name:<{width}}{count:>12,}")
     click.echo(f"  {'total':<{width}}{total:>12,}  ({total / 1e6:.2f}M)")
+
+
+@model.command()
+@click.argument("task", type=click.Choice(TASKS))
+@click.argument("version", type=int)
+@click.option("--alias", default="champion", show_default=True)
+@click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else local SQLite.")
+@click.option("--name", default=None, help="Registered model name (default: hdm-TASK).")
+def promote(task: str, version: int, alias: str, tracking_uri: str | None, name: str | None) -> None:
+    """Point ALIAS (default champion) at VERSION of the task's registered model."""
+    from hdm_platform.tracking.registry import registry_client, set_alias
+
+    model_name = name or registered_model_name(task)
+    client = registry_client(resolve_tracking_uri(tracking_uri))
+    try:
+        promoted = set_alias(client, name=model_name, version=version, alias=alias)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{model_name}@{alias} -> version {promoted.version} (run {promoted.run_id})")
+
+
+@model.command(name="list")
+@click.argument("task", type=click.Choice(TASKS))
+@click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else local SQLite.")
+@click.option("--name", default=None, help="Registered model name (default: hdm-TASK).")
+def list_models(task: str, tracking_uri: str | None, name: str | None) -> None:
+    """Versions of the task's registered model, newest first, with their aliases."""
+    from hdm_platform.tracking.registry import list_versions, registry_client
+
+    model_name = name or registered_model_name(task)
+    versions = list_versions(registry_client(resolve_tracking_uri(tracking_uri)), model_name)
+    if not versions:
+        click.echo(f"{model_name}: no versions registered")
+        return
+    for version in versions:
+        aliases = ",".join(sorted(version.aliases)) or "-"
+        click.echo(f"{model_name} v{version.version}  aliases={aliases}  run={version.run_id}")

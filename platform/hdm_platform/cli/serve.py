@@ -12,12 +12,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import click
 
 from hdm_platform.cli.submit import auth_headers
-from hdm_platform.config import ConfigError, Task
+from hdm_platform.config import ConfigError
+from hdm_platform.tasks import TASKS
 from hdm_platform.serve.control import (
     DeployFailedError,
     deploy,
@@ -158,7 +159,7 @@ def down(address: str, app_name: str | None, yes: bool, timeout: float) -> None:
 
 
 @serve.command()
-@click.argument("task", type=click.Choice(get_args(Task)))
+@click.argument("task", type=click.Choice(TASKS))
 @click.option(
     "--app", "app_name", default=DEFAULT_APP_NAME, show_default=True, help="The application."
 )

@@ -25,7 +25,7 @@ from PIL import Image
 from ray.data import DataContext
 from torchvision.io import ImageReadMode, decode_image
 
-from hdm_platform.data.source import PATH_COLUMN
+from hdm_platform.data.shard_source import PATH_COLUMN
 
 __all__ = ["CorruptPairError", "PairTransform", "decode_rgb"]
 

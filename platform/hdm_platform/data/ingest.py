@@ -33,7 +33,7 @@ from hdm_platform.data.layouts import (
 )
 from hdm_platform.data.manifest import SPLITS, TASKS, Manifest, SkippedPair, Split
 from hdm_platform.data.storage import join_uri, list_files, open_filesystem
-from hdm_platform.data.writer import (
+from hdm_platform.data.shard_writer import (
     DEFAULT_SHARD_SIZE,
     DatasetWriter,
     Row,
@@ -242,7 +242,7 @@ def ingest(
     """Ingests the benchmark at ``source`` into the dataset at ``dest``.
 
     Re-running with the same arguments on an unchanged source is a no-op; anything else
-    writes a new generation and swaps the manifest (see :mod:`hdm_platform.data.writer`).
+    writes a new generation and swaps the manifest (see :mod:`hdm_platform.data.shard_writer`).
 
     Args:
         source: the benchmark folder (plain path or fsspec URI).

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from hdm_platform.data.storage import join_uri, open_filesystem, write_atomic
+from hdm_platform.tasks import TASKS, Task
 
 __all__ = [
     "MANIFEST_NAME",
@@ -42,9 +43,7 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 
-Task = Literal["dehaze", "derain", "lowlight"]
 Split = Literal["train", "val", "test", "infer"]
-TASKS: tuple[str, ...] = get_args(Task)
 SPLITS: tuple[str, ...] = get_args(Split)
 
 ROW_SCHEMA = pa.schema(

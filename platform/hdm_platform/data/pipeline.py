@@ -8,7 +8,7 @@ with the usual paired augmentations of restoration training (BasicSR's
 How the pieces fit:
 
 * :func:`build_dataset` streams the shards a dataset's ``manifest.json`` lists through
-  :class:`~hdm_platform.data.source.ShardDatasource` (Ray Data read tasks over pyarrow,
+  :class:`~hdm_platform.data.shard_source.ShardDatasource` (Ray Data read tasks over pyarrow,
   any fsspec filesystem), in read units of whole row groups shuffled anew each epoch for
   training, and decodes + augments them in ``map_batches`` on CPU workers. The
   trainer passes the result as ``datasets={"train": ..., "val": ...}``; each Ray Train
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from hdm_platform.data.augment import CorruptPairError, PairTransform, decode_rgb
 from hdm_platform.data.manifest import Manifest
-from hdm_platform.data.source import ShardDatasource
+from hdm_platform.data.shard_source import ShardDatasource
 from hdm_platform.data.storage import open_filesystem
 
 __all__ = [

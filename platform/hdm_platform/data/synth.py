@@ -48,7 +48,7 @@ from tqdm import tqdm
 from hdm_platform.data.layouts import is_image
 from hdm_platform.data.manifest import TASKS, Manifest, Split
 from hdm_platform.data.storage import join_uri, list_files, open_filesystem
-from hdm_platform.data.writer import DEFAULT_SHARD_SIZE, DatasetWriter, Row, current_manifest, fingerprint
+from hdm_platform.data.shard_writer import DEFAULT_SHARD_SIZE, DatasetWriter, Row, current_manifest, fingerprint
 
 __all__ = [
     "BUILTIN",

@@ -1,7 +1,7 @@
 """The model deployment: one per task, each replica holding one HDM network.
 
 A replica loads its model from the deployment's ``user_config`` (a ``ModelSettings``):
-only the weights and the config, through ``hdm_platform.enhancers.load_model``, so nothing
+only the weights and the config, through ``hdm_platform.model_refs.load_model``, so nothing
 is unpickled; a registry alias is resolved once, to the version it names at that moment.
 It prepares the network for fast inference (channels_last, folded head, bfloat16 where
 faster), runs one warm-up image, and only then does Serve route requests to it.
@@ -30,7 +30,7 @@ from torch import Tensor
 from hdm_model import DEFAULT_TILE, HDM, enhance, prepare_for_inference
 from hdm_model.inference import resolve_precision
 from hdm_platform.config import MLflowConfig, Task
-from hdm_platform.enhancers import UNTILED_MAX_PIXELS, load_model
+from hdm_platform.model_refs import UNTILED_MAX_PIXELS, load_model
 from hdm_platform.explain import explain_figure
 from hdm_platform.serve.errors import ExplainUnsupportedError
 from hdm_platform.serve.metrics import ModelMetrics

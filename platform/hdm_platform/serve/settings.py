@@ -9,12 +9,13 @@ when a replica applies it.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hdm_model.hdm import FEATURE_STRIDE
-from hdm_platform.config import ConfigError, Task
+from hdm_model.model import FEATURE_STRIDE
+from hdm_platform.config import ConfigError
+from hdm_platform.tasks import TASKS, Task, registered_model_name
 
 __all__ = [
     "DEFAULT_APP_NAME",
@@ -110,7 +111,7 @@ class ApiKeySettings(_Settings):
 
 
 def _registry_champions() -> dict[Task, ModelSettings]:
-    return {task: ModelSettings(model=f"models:/hdm-{task}@champion") for task in get_args(Task)}
+    return {task: ModelSettings(model=f"models:/{registered_model_name(task)}@champion") for task in TASKS}
 
 
 class ServeAppArgs(_Settings):

@@ -46,7 +46,7 @@ from hdm_platform.data.pipeline import build_dataset
 from hdm_platform.data.storage import open_filesystem
 from hdm_platform.tracking.mlflow_run import TrackedRun, source_tags
 from hdm_platform.tracking.registry import register_model
-from hdm_platform.train.checkpoints import exported_model_dir
+from hdm_platform.train.training_state import exported_model_dir
 from hdm_platform.train.loop import FaultInjection, LoopSettings, train_loop_per_worker
 
 __all__ = [

@@ -42,7 +42,7 @@ from hdm_model.metrics import image_metrics
 from hdm_platform.config import ExperimentConfig
 from hdm_platform.data.pipeline import iter_pairs
 from hdm_platform.tracking.mlflow_run import TrackedRun, image_grid
-from hdm_platform.train.checkpoints import (
+from hdm_platform.train.training_state import (
     TrainingState,
     load_rng_state,
     load_training_state,

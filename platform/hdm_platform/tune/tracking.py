@@ -43,7 +43,7 @@ __all__ = [
 PARENT_RUN_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "hdm.sweep"
 TRIAL_ID_TAG = "hdm.trial_id"
-#: A sweep's best model is registered for review, never promoted: ``hdm models promote``.
+#: A sweep's best model is registered for review, never promoted: ``hdm model promote``.
 CHALLENGER_ALIAS = "challenger"
 
 

@@ -34,7 +34,7 @@ from hdm_model.priors import dehaze
 from hdm_platform.data.storage import is_local, open_filesystem
 from hdm_platform.imageio import encode_image, read_image
 from hdm_platform.tracking.registry import is_registry_uri, load_registered
-from hdm_platform.train.checkpoints import exported_model_dir
+from hdm_platform.train.training_state import exported_model_dir
 
 __all__ = [
     "BASELINES",

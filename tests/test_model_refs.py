@@ -7,7 +7,7 @@ import torch
 
 from hdm_model import enhance, hdm, prepare_for_inference, save_checkpoint
 from hdm_model.priors import dehaze
-from hdm_platform.enhancers import load_enhancer, load_model
+from hdm_platform.model_refs import load_enhancer, load_model
 
 
 def _tiny(**settings):
