@@ -8,9 +8,6 @@ never unpickles anything. Each file is written to a temporary name and renamed i
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +15,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hdm_model.atomic import write_atomically
 from hdm_model.config import HDMConfig
 from hdm_model.model import HDM
 
 __all__ = [
     "CONFIG_FILE",
+    "EXPORTED_MODEL_DIR",
     "FORMAT",
     "FORMAT_VERSION",
     "WEIGHTS_FILE",
@@ -35,17 +34,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "hdm"
 FORMAT_VERSION = 1
-
-
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+#: A training checkpoint keeps its exported (EMA) model, an HDM checkpoint, in this subfolder.
+EXPORTED_MODEL_DIR = "model"
 
 
 def save_checkpoint(
@@ -69,8 +59,8 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors wants dense, contiguous tensors (channels_last weights are not).
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    _write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(state, str(path)))
-    _write_atomically(directory / CONFIG_FILE, lambda path: path.write_text(config_text))
+    write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(state, str(path)))
+    write_atomically(directory / CONFIG_FILE, lambda path: path.write_text(config_text))
     return directory
 
 

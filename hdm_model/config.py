@@ -12,7 +12,25 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["HDMConfig", "CASCADE_ORDERS", "MASK_SOURCES", "DCP_MASK_MODES", "field_names"]
+__all__ = [
+    "CASCADE_ORDERS",
+    "DCP_MASK_MODES",
+    "DEFAULT_TILE",
+    "FEATURE_STRIDE",
+    "HDMConfig",
+    "MASK_SOURCES",
+    "UNTILED_MAX_PIXELS",
+    "VARIANT_NAMES",
+    "field_names",
+    "variant_config",
+]
+
+FEATURE_STRIDE = 4
+"""The dynamic stages and the region masks live at 1/4 of the input resolution."""
+DEFAULT_TILE = 512
+"""Tile side that keeps a 12-megapixel photo well under 3 GiB on CPU (bench/memory.py)."""
+UNTILED_MAX_PIXELS = 1024 * 1024
+"""By default images up to this many pixels run whole, larger ones in ``DEFAULT_TILE`` tiles."""
 
 CASCADE_ORDERS = ("PSR", "PRS", "SRP", "SPR", "RPS", "RSP")
 MASK_SOURCES = ("dcp", "learned", "external")
@@ -146,3 +164,26 @@ def _require_int(name: str, value: Any, *, minimum: int) -> None:
 def _require_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+_VARIANT_SETTINGS: dict[str, dict[str, object]] = {
+    "B": {"use_attention": False, "use_structure": False, "use_region": False},
+    "B+FA": {"use_structure": False, "use_region": False},
+    "B+FA+S": {"use_region": False},
+    "HDM-F": {"mask_source": "learned"},
+    "HDM": {},
+}
+
+
+def variant_config(name: str, **overrides: object) -> HDMConfig:
+    """The config of a Table 5 variant, with field overrides (e.g. ``blocks_per_group=9``)."""
+    if name not in _VARIANT_SETTINGS:
+        raise ValueError(f"unknown HDM variant {name!r}; choose from {', '.join(_VARIANT_SETTINGS)}")
+    unknown = sorted(set(overrides) - field_names())
+    if unknown:
+        raise ValueError(f"unknown HDMConfig field(s): {', '.join(unknown)}")
+    return HDMConfig(**{**_VARIANT_SETTINGS[name], **overrides})
+
+
+#: The Table 5 variants, in the paper's order (``hdm_model.VARIANTS`` builds each).
+VARIANT_NAMES: tuple[str, ...] = tuple(_VARIANT_SETTINGS)

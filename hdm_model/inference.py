@@ -19,27 +19,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hdm_model.model import FEATURE_STRIDE, HDM, pad_to_multiple
+from hdm_model.config import DEFAULT_TILE, FEATURE_STRIDE, UNTILED_MAX_PIXELS
+from hdm_model.model import HDM, pad_to_multiple
 
 __all__ = [
     "DEFAULT_TILE",
     "FoldedHead",
     "Precision",
     "enhance",
+    "UNTILED_MAX_PIXELS",
     "prepare_for_inference",
+    "resolve_device",
     "resolve_precision",
+    "tile_for",
 ]
 
-DEFAULT_TILE = 512
-"""Tile side that keeps a 12-megapixel photo well under 3 GiB on CPU (bench/memory.py)."""
 
 Precision = Literal["auto", "fp32", "bf16"]
 
 
 def resolve_precision(precision: Precision, device: str | torch.device) -> Literal["fp32", "bf16"]:
-    """The precision ``precision`` stands for on ``device``: "auto" is bf16 on CUDA GPUs with
-    bfloat16 support and on CPUs with AMX (tile matrix units run bfloat16 convolutions far
-    faster than float32), fp32 elsewhere."""
+    """The precision ``precision`` stands for on ``device``, for inference and training alike:
+    "auto" is bf16 on CUDA GPUs with bfloat16 support and on CPUs with AMX (tile matrix
+    units run bfloat16 convolutions far faster than float32), fp32 elsewhere (on CPUs
+    without AMX bfloat16 autocast is no faster, bench/RESULTS.md "Training")."""
     if precision not in get_args(Precision):
         raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, got {precision!r}")
     if precision != "auto":
@@ -50,6 +53,28 @@ def resolve_precision(precision: Precision, device: str | torch.device) -> Liter
     if device.type == "cpu":
         return "bf16" if torch.cpu.get_capabilities().get("amx_bf16", False) else "fp32"
     return "fp32"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or "auto" is the first CUDA GPU when there is one, else the CPU; a CUDA
+    device asked for on a machine without one is a ``ValueError``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    return resolved
+
+
+def tile_for(height: int, width: int, tile: int | None = None) -> int | None:
+    """The tile side every inference path uses for a ``height x width`` image.
+
+    ``tile=None``: whole up to :data:`UNTILED_MAX_PIXELS`, ``DEFAULT_TILE`` tiles above;
+    ``tile=0``: never tiled; any other value is the tile side.
+    """
+    if tile is not None:
+        return tile or None
+    return DEFAULT_TILE if height * width > UNTILED_MAX_PIXELS else None
 
 
 class FoldedHead(nn.Sequential):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hdm_model.blocks import ChannelSpatialLevel, Decoder, Encoder
-from hdm_model.config import HDMConfig, field_names
+from hdm_model.config import FEATURE_STRIDE, HDMConfig, variant_config
 from hdm_model.masks import bin_into_regions, dcp_region_masks, downscale
 from hdm_model.region import RegionDynamicBlock
 from hdm_model.structure import DeformableBlock
@@ -36,8 +36,6 @@ __all__ = [
     "variant_config",
 ]
 
-FEATURE_STRIDE = 4
-"""The dynamic stages and the region masks live at 1/4 of the input resolution."""
 
 
 def pad_to_multiple(x: Tensor, multiple: int = FEATURE_STRIDE) -> Tensor:
@@ -188,25 +186,6 @@ class HDM(nn.Module):
             else:
                 features = self.region[repeat % len(self.region)](features, masks)
         return features
-
-
-_VARIANT_SETTINGS: dict[str, dict[str, object]] = {
-    "B": {"use_attention": False, "use_structure": False, "use_region": False},
-    "B+FA": {"use_structure": False, "use_region": False},
-    "B+FA+S": {"use_region": False},
-    "HDM-F": {"mask_source": "learned"},
-    "HDM": {},
-}
-
-
-def variant_config(name: str, **overrides: object) -> HDMConfig:
-    """The config of a Table 5 variant, with field overrides (e.g. ``blocks_per_group=9``)."""
-    if name not in _VARIANT_SETTINGS:
-        raise ValueError(f"unknown HDM variant {name!r}; choose from {', '.join(_VARIANT_SETTINGS)}")
-    unknown = sorted(set(overrides) - field_names())
-    if unknown:
-        raise ValueError(f"unknown HDMConfig field(s): {', '.join(unknown)}")
-    return HDMConfig(**{**_VARIANT_SETTINGS[name], **overrides})
 
 
 def build_hdm(config: HDMConfig) -> HDM:

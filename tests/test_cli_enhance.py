@@ -16,7 +16,8 @@ from PIL import Image
 
 from hdm_model import hdm, save_checkpoint
 from hdm_platform.cli import main
-from hdm_platform.cli.enhance import LABEL_HEIGHT, MARGIN, PANEL_LONG_SIDE, collect_inputs
+from hdm_platform.cli.enhance import collect_inputs
+from hdm_platform.explain import LABEL_HEIGHT, MARGIN, PANEL_LONG_SIDE
 from hdm_platform.imageio import read_image
 
 

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from hdm_platform.imageio import (
     ImageDecodeError,
     ImageError,
     ImageTooLargeError,
+    decode_rgb8,
     encode_image,
+    probe_image,
     read_image,
     write_image,
 )
@@ -117,25 +119,34 @@ def test_cmyk_is_converted(tmp_path):
     torch.testing.assert_close(image[:, 4, 4], torch.tensor([0.0, 1.0, 1.0]), atol=3 / 255, rtol=0)
 
 
-def test_sixteen_bit_grayscale_keeps_sixteen_bit_precision(tmp_path):
+def test_sixteen_bit_grayscale_is_rounded_to_eight_bits(tmp_path):
+    # Every path feeds the network the 256 levels it was trained on (the module's rule).
     values = np.array([[0, 1000, 1001, 65535]], dtype=np.uint16)
     path = _save(Image.fromarray(values), tmp_path / "g16.png", "PNG")
     image = read_image(path)
-    expected = torch.from_numpy(values.astype(np.float32) / 65535.0)
+    expected = torch.from_numpy(np.round(values.astype(np.float32) / 257.0) / 255.0)
     torch.testing.assert_close(image[0], expected)
-    assert image[0, 0, 2] > image[0, 0, 1]  # one 16-bit step apart: lost in 8 bits
     assert torch.equal(image[0], image[2])
 
 
-def test_sixteen_bit_rgb_png_decodes_to_its_high_byte(tmp_path):
-    # PIL decodes 48-bit RGB PNGs to 8 bits per channel: precision "as far as PIL allows".
+def test_sixteen_bit_rgb_png_is_rounded_to_eight_bits(tmp_path):
     samples = [0x0000, 0x8000, 0xFFFF, 0x4020, 0x0101, 0xC0FF]
     rows = b"\x00" + struct.pack(">6H", *samples)
     path = tmp_path / "rgb16.png"
     path.write_bytes(_raw_png(2, 1, bit_depth=16, colour_type=2, rows=rows))
     image = read_image(path)
-    expected = torch.tensor([sample >> 8 for sample in samples], dtype=torch.float32) / 255
+    expected = torch.tensor([round(sample / 257) for sample in samples], dtype=torch.float32) / 255
     torch.testing.assert_close(image.permute(1, 2, 0).flatten(), expected)
+
+
+def test_probe_reports_the_upright_size_and_the_format(tmp_path):
+    stored = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _save(stored, tmp_path / "r.jpg", "JPEG", exif=exif).read_bytes()
+    assert probe_image(data, "r.jpg") == ("JPEG", 20, 40)
+    with pytest.raises(ImageDecodeError, match="cut.jpg"):
+        probe_image(data[: len(data) // 2], "cut.jpg")
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -233,3 +244,74 @@ def test_write_image_is_atomic_and_takes_the_format_from_suffix_or_argument(tmp_
         write_image(image, tmp_path / "out" / "bare")
     with pytest.raises(ValueError, match="tiff"):
         write_image(image, tmp_path / "out" / "x.tiff")
+
+
+def _encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def _rotated_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    return exif
+
+
+def _photo_like() -> np.ndarray:
+    """Smooth RGB content (an upscaled random image), so JPEG keeps chroma detail."""
+    noise = np.random.default_rng(0).integers(0, 256, (19, 27, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(noise).resize((54, 38), Image.Resampling.BILINEAR))
+
+
+_MODES = {
+    "png-rgb": lambda rgb: _encoded(Image.fromarray(rgb), "PNG"),
+    "png-grey": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "PNG"),
+    "png-1-bit": lambda rgb: _encoded(Image.fromarray(rgb[..., 0] > 128), "PNG"),
+    "png-grey-transparency": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "PNG", transparency=5),
+    "png-rgb-transparency": lambda rgb: _encoded(Image.fromarray(rgb), "PNG", transparency=(10, 20, 30)),
+    "png-palette-4-bit": lambda rgb: _encoded(Image.fromarray(rgb).quantize(16), "PNG", bits=4),
+    "png-palette": lambda rgb: _encoded(Image.fromarray(rgb).quantize(64), "PNG"),
+    "png-palette-transparency": lambda rgb: _encoded(Image.fromarray(rgb).quantize(64), "PNG", transparency=0),
+    "png-rgba": lambda rgb: _encoded(Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "PNG"),
+    "png-grey-alpha": lambda rgb: _encoded(Image.fromarray(rgb).convert("LA"), "PNG"),
+    "jpeg-rgb": lambda rgb: _encoded(Image.fromarray(rgb), "JPEG", quality=90),
+    "jpeg-progressive": lambda rgb: _encoded(Image.fromarray(rgb), "JPEG", progressive=True),
+    "jpeg-grey": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "JPEG"),
+    "jpeg-cmyk": lambda rgb: _encoded(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+    "jpeg-exif-rotated": lambda rgb: _encoded(Image.fromarray(rgb), "JPEG", exif=_rotated_exif()),
+    "png-exif-rotated": lambda rgb: _encoded(Image.fromarray(rgb), "PNG", exif=_rotated_exif()),
+    "bmp": lambda rgb: _encoded(Image.fromarray(rgb), "BMP"),
+    "webp-lossless": lambda rgb: _encoded(Image.fromarray(rgb), "WEBP", lossless=True),
+}
+
+
+def _displayed_by_pil(data: bytes) -> np.ndarray:
+    """PIL's picture of ``data`` under the module's rule: upright, transparency over white."""
+    with Image.open(io.BytesIO(data)) as image:
+        rgba = ImageOps.exif_transpose(image).convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"))
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+def test_decode_rgb8_gives_pils_displayed_pixels_for_every_8_bit_mode(mode):
+    # Opaque 8-bit PNG goes through libspng, JPEG through torchvision, everything else
+    # through PIL; the pixels must not depend on which, so every file is seen as PIL shows it.
+    data = _MODES[mode](_photo_like())
+    decoded = decode_rgb8(data)
+    expected = _displayed_by_pil(data)
+    assert decoded.dtype == np.uint8 and decoded.shape == expected.shape
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_decode_rgb8_rounds_16_bit_png_to_8_bits():
+    levels = np.array([[0, 128, 257, 32896, 65535, 65407]], dtype=np.uint16)
+    decoded = decode_rgb8(_encoded(Image.fromarray(levels), "PNG"))
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[0, :, 0], [0, 0, 1, 128, 255, 255])
+    np.testing.assert_array_equal(decoded[..., 0], decoded[..., 2])
+
+
+def test_decode_rgb8_refuses_a_truncated_png_naming_it():
+    with pytest.raises(ImageDecodeError, match="cut.png"):
+        decode_rgb8(_MODES["png-rgb"](_photo_like())[:80], name="cut.png")

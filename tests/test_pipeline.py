@@ -31,7 +31,6 @@ from hdm_platform.data.pipeline import (
     CorruptPairError,
     PairTransform,
     build_dataset,
-    decode_rgb,
     iter_pairs,
     split_rows,
 )
@@ -299,63 +298,6 @@ def test_bad_arguments_are_rejected(ray_cluster, dataset_uri):
     dataset = build_dataset(dataset_uri, "val", crop_size=CROP, train=False)
     with pytest.raises(ValueError, match="at least batch_size"):
         next(iter_pairs(dataset, batch_size=4, local_shuffle_buffer_size=2))
-
-
-def _encoded(image: Image.Image, format: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    return buffer.getvalue()
-
-
-def _photo_like() -> np.ndarray:
-    """Smooth RGB content (an upscaled random image), so JPEG keeps chroma detail."""
-    noise = np.random.default_rng(0).integers(0, 256, (19, 27, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(noise).resize((54, 38), Image.Resampling.BILINEAR))
-
-
-_MODES = {
-    "png-rgb": lambda rgb: _encoded(Image.fromarray(rgb), "PNG"),
-    "png-grey": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "PNG"),
-    "png-1-bit": lambda rgb: _encoded(Image.fromarray(rgb[..., 0] > 128), "PNG"),
-    "png-grey-transparency": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "PNG", transparency=5),
-    "png-rgb-transparency": lambda rgb: _encoded(Image.fromarray(rgb), "PNG", transparency=(10, 20, 30)),
-    "png-palette-4-bit": lambda rgb: _encoded(Image.fromarray(rgb).quantize(16), "PNG", bits=4),
-    "png-palette": lambda rgb: _encoded(Image.fromarray(rgb).quantize(64), "PNG"),
-    "png-palette-transparency": lambda rgb: _encoded(Image.fromarray(rgb).quantize(64), "PNG", transparency=0),
-    "png-rgba": lambda rgb: _encoded(Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "PNG"),
-    "png-grey-alpha": lambda rgb: _encoded(Image.fromarray(rgb).convert("LA"), "PNG"),
-    "jpeg-rgb": lambda rgb: _encoded(Image.fromarray(rgb), "JPEG", quality=90),
-    "jpeg-progressive": lambda rgb: _encoded(Image.fromarray(rgb), "JPEG", progressive=True),
-    "jpeg-grey": lambda rgb: _encoded(Image.fromarray(rgb[..., 0]), "JPEG"),
-    "jpeg-cmyk": lambda rgb: _encoded(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
-    "bmp": lambda rgb: _encoded(Image.fromarray(rgb), "BMP"),
-    "webp-lossless": lambda rgb: _encoded(Image.fromarray(rgb), "WEBP", lossless=True),
-}
-
-
-@pytest.mark.parametrize("mode", sorted(_MODES))
-def test_decode_rgb_gives_pils_rgb_pixels_for_every_8_bit_mode(mode):
-    # The pipeline decodes 8-bit PNG with libspng, JPEG with torchvision, everything else
-    # with PIL; the pixels must not depend on which, so every dataset is seen as PIL sees it.
-    data = _MODES[mode](_photo_like())
-    with Image.open(io.BytesIO(data)) as image:
-        expected = np.asarray(image.convert("RGB"))
-    decoded = decode_rgb(data)
-    assert decoded.dtype == np.uint8 and decoded.shape == (38, 54, 3)
-    np.testing.assert_array_equal(decoded, expected)
-
-
-def test_decode_rgb_rounds_16_bit_png_to_8_bits():
-    levels = np.array([[0, 128, 257, 32896, 65535, 65407]], dtype=np.uint16)
-    decoded = decode_rgb(_encoded(Image.fromarray(levels), "PNG"))
-    assert decoded.dtype == np.uint8
-    np.testing.assert_array_equal(decoded[0, :, 0], [0, 0, 1, 128, 255, 255])
-    np.testing.assert_array_equal(decoded[..., 0], decoded[..., 2])
-
-
-def test_decode_rgb_refuses_a_truncated_png_with_value_error():
-    with pytest.raises(ValueError):
-        decode_rgb(_MODES["png-rgb"](_photo_like())[:80])
 
 
 def test_shards_are_read_as_native_arrow_filesystems(tmp_path):

@@ -28,7 +28,7 @@ from hdm_platform.config import ConfigError, validate_config
 from hdm_platform.data.synth import synthesize
 from hdm_platform.tracking import load_registered
 from hdm_platform.train.driver import fit, preflight
-from hdm_platform.train.loop import FaultInjection, resolve_precision
+from hdm_platform.train.loop import FaultInjection
 
 REGISTERED = "hdm-train-test"
 
@@ -202,10 +202,3 @@ def test_preflight_names_the_field(tmp_path):
     vgg = tmp_path / "vgg16.safetensors"
     save_file({f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}, str(vgg))
     assert check(train={"batch_size": 2}, loss={"perceptual_weight": 0.1, "vgg_weights": str(vgg)}) >= 1
-
-
-def test_auto_precision_is_fp32_on_cpu():
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    with pytest.raises(ValueError, match="train.precision"):
-        resolve_precision("fp16", torch.device("cpu"))

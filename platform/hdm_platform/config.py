@@ -17,9 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from hdm_model import HDMConfig, variant_config
-from hdm_model.model import VARIANTS
-from hdm_platform.tasks import TASKS, Task, registered_model_name
+from hdm_model.config import VARIANT_NAMES, HDMConfig, variant_config
+from hdm_platform.vocabulary import TASKS, Task, registered_model_name
 
 __all__ = [
     "ConfigError",
@@ -86,8 +85,8 @@ class ModelConfig(_ModelSettings):  # type: ignore[misc, valid-type]
     @field_validator("variant")
     @classmethod
     def _known_variant(cls, value: str) -> str:
-        if value not in VARIANTS:
-            raise ValueError(f"unknown variant {value!r}; choose one of {sorted(VARIANTS)}")
+        if value not in VARIANT_NAMES:
+            raise ValueError(f"unknown variant {value!r}; choose one of {sorted(VARIANT_NAMES)}")
         return value
 
     def settings(self) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from hdm_model.metrics import image_metrics
 from hdm_platform.data.manifest import Manifest
-from hdm_platform.data.pipeline import decode_rgb
 from hdm_platform.data.storage import open_filesystem, write_atomic
+from hdm_platform.imageio import ImageError, decode_rgb8
 from hdm_platform.tracking.mlflow_run import TrackedRun, source_tags
 from hdm_platform.model_refs import load_enhancer
 
@@ -85,9 +85,10 @@ def iter_split_pairs(
                     if row["target"] is None:
                         raise ValueError(f"{where} has no target image: evaluation needs pairs")
                     try:
-                        source, target = decode_rgb(row["input"]), decode_rgb(row["target"])
-                    except (OSError, ValueError) as error:
-                        raise ValueError(f"{where}: cannot decode: {error}") from error
+                        source = decode_rgb8(row["input"], name=f"{where}: input")
+                        target = decode_rgb8(row["target"], name=f"{where}: target")
+                    except ImageError as error:
+                        raise ValueError(str(error)) from error
                     if source.shape != target.shape:
                         raise ValueError(f"{where}: input {source.shape} and target {target.shape} differ")
                     yield row["id"], source, target

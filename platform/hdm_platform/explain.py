@@ -12,7 +12,7 @@ from torch import Tensor
 from torchvision.transforms.functional import to_pil_image
 
 from hdm_model.config import HDMConfig
-from hdm_model.model import FEATURE_STRIDE
+from hdm_model.config import FEATURE_STRIDE
 from hdm_model.masks import compute_dcp_maps
 
 __all__ = ["LABEL_HEIGHT", "MARGIN", "PANEL_LONG_SIDE", "explain_figure"]

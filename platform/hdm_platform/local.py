@@ -32,6 +32,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hdm_model.atomic import write_bytes_atomically
+
 __all__ = [
     "LOGICAL_CPUS",
     "Ports",
@@ -141,9 +143,7 @@ def start_services(home: Path, ports: Ports = Ports()) -> tuple[Services, bool]:
         home=str(home), ports=ports, ray_pid=ray_pid, ray_temp_dir=temp_dir, mlflow_pid=mlflow_pid
     )
     state = home / _STATE_FILE
-    partial = state.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(asdict(services), indent=2))
-    partial.replace(state)
+    write_bytes_atomically(state, json.dumps(asdict(services), indent=2).encode())
     return services, False
 
 

@@ -29,16 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hdm_model import HDM, DEFAULT_TILE, enhance, load_checkpoint, prepare_for_inference
+from hdm_model import HDM, enhance, load_checkpoint, prepare_for_inference
+from hdm_model.checkpoint import EXPORTED_MODEL_DIR
+from hdm_model.inference import tile_for
 from hdm_model.priors import dehaze
 from hdm_platform.data.storage import is_local, open_filesystem
 from hdm_platform.imageio import encode_image, read_image
 from hdm_platform.tracking.registry import is_registry_uri, load_registered
-from hdm_platform.train.training_state import exported_model_dir
 
 __all__ = [
     "BASELINES",
-    "UNTILED_MAX_PIXELS",
     "Enhancer",
     "HTTPEnhancerError",
     "is_http_reference",
@@ -53,8 +53,6 @@ BASELINES: dict[str, Callable[[Tensor], Tensor]] = {
     "dcp": lambda images: dehaze(images),
     "input": lambda images: images.clamp(0.0, 1.0),
 }
-#: With ``tile=None``, images up to this many pixels run whole and larger ones in tiles.
-UNTILED_MAX_PIXELS = 1024 * 1024
 _FILES = ("config.json", "model.safetensors")
 #: Seconds to wait for one served image (a large photo on a CPU replica takes a while).
 HTTP_TIMEOUT_S = 600.0
@@ -107,9 +105,8 @@ def load_model(
     filesystem, path = open_filesystem(reference, storage_options)
     if not filesystem.isdir(path):
         raise FileNotFoundError(f"no checkpoint folder at {reference}")
-    # A training checkpoint keeps the exported (EMA) model in model/.
-    if filesystem.isfile(f"{path}/model/config.json"):
-        path = str(exported_model_dir(path))
+    if filesystem.isfile(f"{path}/{EXPORTED_MODEL_DIR}/config.json"):  # a training checkpoint
+        path = f"{path}/{EXPORTED_MODEL_DIR}"
     if is_local(filesystem):
         return load_checkpoint(path, device=device)
     with tempfile.TemporaryDirectory(prefix="hdm-model-") as staging:
@@ -128,11 +125,8 @@ def load_enhancer(
     tracking_uri: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Enhancer:
-    """A function ``[B, 3, H, W] -> [B, 3, H, W]`` in [0, 1] for ``reference``.
-
-    ``tile=None`` runs images whole up to :data:`UNTILED_MAX_PIXELS` and in
-    ``DEFAULT_TILE`` tiles above; ``tile=0`` never tiles; any other value is the tile side.
-    """
+    """A function ``[B, 3, H, W] -> [B, 3, H, W]`` in [0, 1] for ``reference``, tiled by
+    :func:`hdm_model.inference.tile_for` (``tile=None``: whole up to a megapixel)."""
     if reference in BASELINES:
         baseline = BASELINES[reference]
         return lambda images: baseline(images.to(device))
@@ -149,13 +143,12 @@ def load_enhancer(
     model = prepare_for_inference(model, device=device)
 
     def run(images: Tensor) -> Tensor:
-        if tile is None:
-            pixels = images.shape[-2] * images.shape[-1]
-            tile_size = DEFAULT_TILE if pixels > UNTILED_MAX_PIXELS else None
-        else:
-            tile_size = tile or None
         return enhance(
-            model, images.to(device), precision=precision, tile=tile_size, tile_overlap=tile_overlap
+            model,
+            images.to(device),
+            precision=precision,
+            tile=tile_for(*images.shape[-2:], tile),
+            tile_overlap=tile_overlap,
         )
 
     return run

@@ -7,33 +7,24 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import click
-import torch
-from torchvision.transforms.functional import pil_to_tensor
-from tqdm import tqdm
 
-from hdm_model.config import DCP_MASK_MODES, HDMConfig
-from hdm_model.model import FEATURE_STRIDE
-from hdm_model.inference import DEFAULT_TILE
-from hdm_platform.model_refs import UNTILED_MAX_PIXELS, load_enhancer, load_model
-from hdm_platform.explain import LABEL_HEIGHT, MARGIN, PANEL_LONG_SIDE, explain_figure
-from hdm_platform.imageio import IMAGE_SUFFIXES, ImageError, read_image, write_image
+from hdm_model.config import DCP_MASK_MODES, DEFAULT_TILE, FEATURE_STRIDE, UNTILED_MAX_PIXELS, HDMConfig
 
-__all__ = [
-    "LABEL_HEIGHT",
-    "MARGIN",
-    "PANEL_LONG_SIDE",
-    "collect_inputs",
-    "enhance",
-    "explain",
-    "explain_figure",
-]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["collect_inputs", "enhance", "explain"]
 
 _OUTPUT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
 
 def collect_inputs(inputs: tuple[Path, ...]) -> list[Path]:
     """Files as given; folders expanded to their image files (by suffix), sorted, not recursive."""
+    from hdm_platform.imageio import IMAGE_SUFFIXES
+
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
@@ -50,11 +41,12 @@ def collect_inputs(inputs: tuple[Path, ...]) -> list[Path]:
 
 
 def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return torch.device(device)
+    from hdm_model.inference import resolve_device
+
+    try:
+        return resolve_device(device)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--device") from None
 
 
 def _check_multiple_of_stride(_: click.Context, __: click.Parameter, size: int | None) -> int | None:
@@ -135,6 +127,11 @@ def enhance(
     A file that cannot be read or enhanced is reported and skipped; the exit status is 1
     when any file failed.
     """
+    from tqdm import tqdm
+
+    from hdm_platform.imageio import read_image, write_image
+    from hdm_platform.model_refs import load_enhancer
+
     if tile and tile <= tile_overlap:
         raise click.BadParameter(
             f"--tile {tile} must exceed --tile-overlap {tile_overlap}", param_hint="--tile"
@@ -188,6 +185,8 @@ def _explain_config(
     if checkpoint is None:
         overrides = {"num_regions": num_regions, "dcp_mask_mode": mask_mode}
         return HDMConfig(**{key: value for key, value in overrides.items() if value is not None})
+    from hdm_platform.model_refs import load_model
+
     for option, value in (("--num-regions", num_regions), ("--mask-mode", mask_mode)):
         if value is not None:
             raise click.UsageError(f"{option} comes from the checkpoint; do not pass both")
@@ -231,6 +230,11 @@ def explain(
     mask_mode: str | None,
 ) -> None:
     """Draw IMAGE's dark channel, transmission and DCP region masks (paper Figure 1)."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from hdm_platform.explain import explain_figure
+    from hdm_platform.imageio import ImageError, read_image, write_image
+
     config = _explain_config(checkpoint, num_regions, mask_mode)
     try:
         image = read_image(image_path)

@@ -7,9 +7,9 @@ from typing import Any
 import click
 import yaml
 
-from hdm_model.model import VARIANTS, build_hdm, variant_config
+from hdm_model.config import VARIANT_NAMES, variant_config
 from hdm_platform.config import resolve_tracking_uri
-from hdm_platform.tasks import TASKS, registered_model_name
+from hdm_platform.vocabulary import TASKS, registered_model_name
 
 __all__ = ["model", "parse_overrides"]
 
@@ -43,7 +43,7 @@ def model() -> None:
 @model.command()
 @click.option(
     "--variant",
-    type=click.Choice(list(VARIANTS)),
+    type=click.Choice(VARIANT_NAMES),
     default="HDM",
     show_default=True,
     help="Paper Table 5 variant.",
@@ -61,6 +61,8 @@ def summary(variant: str, assignments: tuple[str, ...]) -> None:
         config = variant_config(variant, **parse_overrides(assignments))
     except (TypeError, ValueError) as error:
         raise click.BadParameter(str(error), param_hint="--set") from error
+    from hdm_model import build_hdm
+
     network = build_hdm(config)
     counts = {
         name: sum(p.numel() for p in getattr(network, name).parameters())

@@ -18,7 +18,7 @@ import click
 
 from hdm_platform.cli.submit import auth_headers
 from hdm_platform.config import ConfigError
-from hdm_platform.tasks import TASKS
+from hdm_platform.vocabulary import TASKS
 from hdm_platform.serve.control import (
     DeployFailedError,
     deploy,

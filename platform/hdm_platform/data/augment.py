@@ -1,64 +1,28 @@
 """Paired decoding and augmentation: the ``map_batches`` step of the input pipeline.
 
 Runs inside Ray Data's CPU workers (see :mod:`hdm_platform.data.pipeline` for the
-pipeline, the seeding scheme and the padding rule).
-
-Decoding is most of the pipeline's work, so 8-bit PNGs (nearly every paired benchmark)
-go through libspng (``pyspng``, the PNG decoder of NVlabs' StyleGAN2-ADA/StyleGAN3 dataset
-loaders): 5.0-5.5 ms against 7.2-7.5 ms with torchvision's libpng and 7.1-9.1 ms with
-OpenCV for a 512 x 512 photo on one core (bench/RESULTS.md). JPEGs and 16-bit PNGs go
-through torchvision's libjpeg-turbo/libpng decoders. Every path gives the same pixels as
-PIL's ``convert("RGB")`` for 8-bit images (tests/test_pipeline.py). Other formats (BMP,
-TIFF, WebP, GIF, ...) are rare in paired benchmarks and go through PIL.
+pipeline, the seeding scheme and the padding rule). Decoding is most of the pipeline's
+work; it goes through :func:`hdm_platform.imageio.decode_rgb8`, the decoder every other
+path (ingest, ``hdm evaluate``, ``hdm enhance``, Serve) uses, so a file is trained on as it
+is served.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 
 import numpy as np
-import pyspng
-import torch
-from PIL import Image
 from ray.data import DataContext
-from torchvision.io import ImageReadMode, decode_image
 
 from hdm_platform.data.shard_source import PATH_COLUMN
+from hdm_platform.imageio import ImageError, decode_rgb8
 
-__all__ = ["CorruptPairError", "PairTransform", "decode_rgb"]
+__all__ = ["CorruptPairError", "PairTransform"]
 
 
 class CorruptPairError(ValueError):
     """A row whose images cannot be decoded or do not form a pair; names the row and shard."""
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
-# A PNG's first chunk is IHDR; its bit depth is byte 24 of the file.
-_PNG_BIT_DEPTH_OFFSET = 24
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode an encoded image file into 8-bit RGB, ``[H, W, 3]`` uint8.
-
-    Greyscale, palette, CMYK and alpha images are converted to RGB (alpha dropped), so
-    every dataset feeds the network three 8-bit channels; 16-bit PNGs are rounded to
-    8 bits. Raises ``ValueError`` (or PIL's ``OSError``) for data that is not an image.
-    """
-    if not data.startswith((_PNG_SIGNATURE, _JPEG_SIGNATURE)):
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    try:
-        if data.startswith(_PNG_SIGNATURE) and data[_PNG_BIT_DEPTH_OFFSET : _PNG_BIT_DEPTH_OFFSET + 1] <= b"\x08":
-            return pyspng.load(data, format="RGB")
-        pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
-        raise ValueError(str(error)) from error
-    if pixels.dtype == torch.uint16:
-        pixels = pixels.float().div_(257.0).round_().to(torch.uint8)
-    return pixels.permute(1, 2, 0).numpy()
 
 
 def _row_generator(seed: int | None, epoch: int, row_id: str) -> np.random.Generator:
@@ -138,9 +102,9 @@ class PairTransform:
     @staticmethod
     def _decode(data: bytes, field: str, where: str) -> np.ndarray:
         try:
-            return decode_rgb(data)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise CorruptPairError(f"{where}: cannot decode the {field} image: {error}") from error
+            return decode_rgb8(data, name=f"the {field} image")
+        except ImageError as error:
+            raise CorruptPairError(f"{where}: {error}") from error
 
     def _crop(
         self, source: np.ndarray, target: np.ndarray, rng: np.random.Generator

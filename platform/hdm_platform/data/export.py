@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from hdm_model.atomic import write_bytes_atomically
 from hdm_platform.data.manifest import Manifest
 
 __all__ = ["export_split"]
@@ -42,8 +43,6 @@ def export_split(
         if row[side] is None:
             raise ValueError(f"row {row['id']!r} of {uri} [{split}] has no {side} image")
         path = destination / _file_name(row["id"], row[f"{side}_format"])
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_bytes(row[side])
-        os.replace(temporary, path)
+        write_bytes_atomically(path, row[side])
         written.append(path)
     return written

@@ -33,6 +33,7 @@ from hdm_platform.data.layouts import (
 )
 from hdm_platform.data.manifest import SPLITS, TASKS, Manifest, SkippedPair, Split
 from hdm_platform.data.storage import join_uri, list_files, open_filesystem
+from hdm_platform.imageio import probe_image
 from hdm_platform.data.shard_writer import (
     DEFAULT_SHARD_SIZE,
     DatasetWriter,
@@ -47,7 +48,6 @@ __all__ = [
     "IngestResult",
     "ingest",
     "assign_val_split",
-    "probe_image",
 ]
 
 OnError = Literal["raise", "skip"]
@@ -121,27 +121,6 @@ def assign_val_split(pairs: Sequence[PairSpec], fraction: float) -> list[PairSpe
         else pair
         for pair in pairs
     ]
-
-
-def probe_image(data: bytes, name: str) -> tuple[str, int, int]:
-    """Returns ``(PIL format, width, height)`` after verifying and fully decoding ``data``.
-
-    Raises:
-        ValueError: naming ``name``, if PIL cannot read the image.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image_format = image.format
-            image.verify()
-        # verify() checks chunk structure only; a full decode catches truncated pixel data.
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            width, height = image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"unreadable image {name}: {error}") from error
-    if image_format is None:
-        raise ValueError(f"unreadable image {name}: unknown format")
-    return image_format, width, height
 
 
 def _split_side_by_side(data: bytes, name: str, input_half: str) -> tuple[bytes, bytes, int, int]:

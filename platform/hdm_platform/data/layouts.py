@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Literal
 
-from hdm_platform.data.manifest import Split, Task
+from hdm_platform.vocabulary import Split, Task
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -15,14 +15,14 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from hdm_platform.data.storage import join_uri, open_filesystem, write_atomic
-from hdm_platform.tasks import TASKS, Task
+from hdm_platform.vocabulary import SPLITS, TASKS, Split, Task
 
 __all__ = [
     "MANIFEST_NAME",
@@ -43,8 +43,6 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 
-Split = Literal["train", "val", "test", "infer"]
-SPLITS: tuple[str, ...] = get_args(Split)
 
 ROW_SCHEMA = pa.schema(
     [

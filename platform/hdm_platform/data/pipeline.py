@@ -44,7 +44,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
 
-from hdm_platform.data.augment import CorruptPairError, PairTransform, decode_rgb
+from hdm_platform.data.augment import CorruptPairError, PairTransform
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.shard_source import ShardDatasource
 from hdm_platform.data.storage import open_filesystem
@@ -55,7 +55,6 @@ __all__ = [
     "FULL_IMAGE_DECODE_BATCH_SIZE",
     "PairTransform",
     "build_dataset",
-    "decode_rgb",
     "iter_pairs",
     "split_rows",
 ]

@@ -132,7 +132,7 @@ class ShardDatasource(Datasource):
         self._columns = list(columns)
         self._shuffle = shuffle
         self._seed = seed
-        shards = [(uri, filesystem._strip_protocol(uri)) for uri in shard_uris]
+        shards = [(uri, fsspec.core.strip_protocol(uri)) for uri in shard_uris]
         with ThreadPoolExecutor(max_workers=max(1, min(_FOOTER_READERS, len(shards)))) as pool:
             footers = list(pool.map(self._read_footer, shards))
         self._units = [unit for (uri, path), footer in zip(shards, footers) for unit in _pack(uri, path, footer, unit_rows)]

@@ -10,13 +10,14 @@ passes explicit options such as ``{"endpoint_url": ..., "region": ...}``.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from hdm_model.atomic import write_bytes_atomically
 
 __all__ = [
     "FileEntry",
@@ -118,7 +119,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Writes ``data`` to ``path`` so that a reader sees either nothing or the whole file.
 
     On a local disk the bytes go to a hidden temporary name in the same folder and are then
-    renamed over ``path`` (``os.replace`` is atomic on POSIX). On object stores a single put
+    renamed over ``path`` (:func:`hdm_model.atomic.write_atomically`). On object stores a single put
     (or a multipart upload, which becomes visible only when completed) is already atomic.
     """
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -127,17 +128,4 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
         return
-    local_path = fs._strip_protocol(path)
-    directory = os.path.dirname(local_path) or "."
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(local_path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, local_path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_bytes_atomically(fsspec.core.strip_protocol(path), data)

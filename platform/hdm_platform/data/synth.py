@@ -48,6 +48,7 @@ from tqdm import tqdm
 from hdm_platform.data.layouts import is_image
 from hdm_platform.data.manifest import TASKS, Manifest, Split
 from hdm_platform.data.storage import join_uri, list_files, open_filesystem
+from hdm_platform.imageio import decode_rgb8
 from hdm_platform.data.shard_writer import DEFAULT_SHARD_SIZE, DatasetWriter, Row, current_manifest, fingerprint
 
 __all__ = [
@@ -126,14 +127,6 @@ def builtin_images() -> tuple[CleanImage, ...]:
     return tuple(images)
 
 
-def _decode_rgb(data: bytes, name: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"unreadable image {name}: {error}") from error
-
-
 def _decode_depth(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -162,7 +155,7 @@ def load_clean_images(uri: str, storage_options: Mapping[str, Any] | None = None
     for path in photos:
         parts = PurePosixPath(path).parts
         name = join_uri(uri, path)
-        pixels = _decode_rgb(fs.cat_file(f"{root}/{path}"), name)
+        pixels = decode_rgb8(fs.cat_file(f"{root}/{path}"), name=name)
         depth = None
         depth_entry = depth_maps.get((parts[:-1], PurePosixPath(path).stem))
         if depth_entry is not None:

@@ -27,10 +27,11 @@ from pydantic import BaseModel
 from ray import serve
 from torch import Tensor
 
-from hdm_model import DEFAULT_TILE, HDM, enhance, prepare_for_inference
-from hdm_model.inference import resolve_precision
-from hdm_platform.config import MLflowConfig, Task
-from hdm_platform.model_refs import UNTILED_MAX_PIXELS, load_model
+from hdm_model import HDM, enhance, prepare_for_inference
+from hdm_model.inference import resolve_device, resolve_precision, tile_for
+from hdm_platform.config import resolve_tracking_uri
+from hdm_platform.vocabulary import Task
+from hdm_platform.model_refs import load_model
 from hdm_platform.explain import explain_figure
 from hdm_platform.serve.errors import ExplainUnsupportedError
 from hdm_platform.serve.metrics import ModelMetrics
@@ -100,14 +101,10 @@ class Enhanced:
 
 
 def _device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "device 'cuda' asked for, but this replica sees no GPU "
-            "(give the deployment ray_actor_options.num_gpus: 1)"
-        )
-    return torch.device(requested)
+    try:
+        return resolve_device(requested)
+    except ValueError as error:
+        raise ValueError(f"{error}: give the deployment ray_actor_options.num_gpus: 1") from None
 
 
 def _weights_sha256(network: HDM) -> str:
@@ -129,12 +126,8 @@ class LoadedModel:
     info: ModelInfo
 
     def tile_for(self, height: int, width: int) -> int | None:
-        """``hdm enhance``'s rule (``enhancers.load_enhancer``): whole images up to
-        ``UNTILED_MAX_PIXELS``, ``DEFAULT_TILE`` tiles above; an explicit tile wins, and 0
-        never tiles."""
-        if self.settings.tile is not None:
-            return self.settings.tile or None
-        return DEFAULT_TILE if height * width > UNTILED_MAX_PIXELS else None
+        """The rule every inference path shares (:func:`hdm_model.inference.tile_for`)."""
+        return tile_for(height, width, self.settings.tile)
 
     def run(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> enhanced, on the CPU."""
@@ -151,7 +144,7 @@ class LoadedModel:
 def load_task_model(task: Task, settings: ModelSettings) -> LoadedModel:
     """Load, prepare and warm up ``settings.model`` for ``task`` (blocking)."""
     device = _device(settings.device)
-    tracking_uri = settings.tracking_uri or MLflowConfig().resolved_tracking_uri()
+    tracking_uri = resolve_tracking_uri(settings.tracking_uri)
     reference, version, alias = settings.model, None, None
     if is_registry_uri(reference):
         # Pin the version the alias names now: the weights and the reported version agree

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hdm_model.model import FEATURE_STRIDE
+from hdm_model.config import FEATURE_STRIDE
 from hdm_platform.config import ConfigError
-from hdm_platform.tasks import TASKS, Task, registered_model_name
+from hdm_platform.vocabulary import TASKS, Task, registered_model_name
 
 __all__ = [
     "DEFAULT_APP_NAME",

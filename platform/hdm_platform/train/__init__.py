@@ -2,7 +2,7 @@
 
 from hdm_platform.train.training_state import TrainingState, exported_model_dir
 from hdm_platform.train.driver import TrainingOutcome, build_trainer, fit, preflight
-from hdm_platform.train.loop import resolve_precision, train_loop_per_worker
+from hdm_platform.train.loop import train_loop_per_worker
 
 __all__ = [
     "TrainingOutcome",
@@ -11,6 +11,5 @@ __all__ = [
     "exported_model_dir",
     "fit",
     "preflight",
-    "resolve_precision",
     "train_loop_per_worker",
 ]

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -38,6 +38,7 @@ from torchvision.transforms.v2.functional import center_crop
 
 from hdm_model import HDM, build_hdm
 from hdm_model.losses import EnhancementLoss
+from hdm_model.inference import resolve_precision
 from hdm_model.metrics import image_metrics
 from hdm_platform.config import ExperimentConfig
 from hdm_platform.data.pipeline import iter_pairs
@@ -56,7 +57,6 @@ __all__ = [
     "PSNR_CAP_DB",
     "Throughput",
     "VAL_METRICS",
-    "resolve_precision",
     "train_loop_per_worker",
 ]
 
@@ -64,23 +64,6 @@ __all__ = [
 VAL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "l1")
 #: An output identical to its target has infinite PSNR; it counts as this in averages.
 PSNR_CAP_DB = 100.0
-
-Precision = Literal["bf16", "fp32"]
-
-
-def resolve_precision(setting: str, device: torch.device) -> Precision:
-    """``auto`` is bfloat16 on CUDA devices that support it and float32 elsewhere.
-
-    On CPU, bfloat16 autocast trains no faster than float32 on the 2-core reference machine
-    (bench/RESULTS.md, "Training"), so ``auto`` does not pick it there.
-    """
-    if setting == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if cuda_bf16 else "fp32"
-    if setting not in ("bf16", "fp32"):
-        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {setting!r}")
-    return setting  # type: ignore[return-value]
-
 
 @dataclass
 class Throughput:

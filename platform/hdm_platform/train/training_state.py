@@ -37,6 +37,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
 from hdm_model import HDM, load_checkpoint, save_checkpoint
+from hdm_model.checkpoint import EXPORTED_MODEL_DIR
 
 __all__ = [
     "FORMAT",
@@ -52,7 +53,6 @@ __all__ = [
 FORMAT = "hdm-training-checkpoint"
 FORMAT_VERSION = 1
 
-_MODEL_DIR = "model"
 _TRAINER_DIR = "trainer"
 _RNG_DIR = "rng"
 _TENSORS_FILE = "tensors.safetensors"
@@ -71,7 +71,7 @@ class TrainingState:
 
 def exported_model_dir(checkpoint_dir: str | Path) -> Path:
     """The ``model/`` folder of a training checkpoint (an ``hdm_model`` checkpoint)."""
-    return Path(checkpoint_dir) / _MODEL_DIR
+    return Path(checkpoint_dir) / EXPORTED_MODEL_DIR
 
 
 def save_training_state(
@@ -89,7 +89,7 @@ def save_training_state(
     exported = ema.module if ema is not None else model
     save_checkpoint(
         exported,
-        directory / _MODEL_DIR,
+        exported_model_dir(directory),
         metadata={**(metadata or {}), "step": state.step, "metrics": state.metrics},
     )
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
@@ -142,7 +142,7 @@ def load_training_state(
     if ema is not None:
         if not document.get("has_ema"):
             raise ValueError(f"{directory} has no EMA weights but this run keeps an EMA")
-        exported = load_checkpoint(directory / _MODEL_DIR, device=device)
+        exported = load_checkpoint(exported_model_dir(directory), device=device)
         ema.module.load_state_dict(exported.state_dict())
         ema.n_averaged.copy_(tensors["ema.n_averaged"])
     return TrainingState(
