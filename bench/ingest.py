@@ -17,13 +17,16 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from hdm_platform.data.ingest import ingest
+from hdm_platform.data.ingest import IngestOptions, ingest
 from hdm_platform.data.synth import builtin_images, synthesize
+
+SOTS = IngestOptions(layout="sots")
 
 
 def make_source(root: Path, pairs: int, size: int = 256) -> int:
@@ -72,14 +75,14 @@ def main() -> None:
         for workers in sorted({1, args.workers}):
             dest = work / f"ingest-{workers}"
             seconds = timed(
-                lambda: ingest(str(source), str(dest), layout="sots", workers=workers, progress=False)
+                lambda: ingest(str(source), str(dest), replace(SOTS, workers=workers), progress=False)
             )
             print(
                 f"ingest, {workers} worker(s): {seconds:.2f} s, {mib / seconds:.1f} MiB/s, "
                 f"{args.pairs / seconds:.0f} pairs/s, {seconds / copy_s:.1f}x the copy time"
             )
         rerun = timed(
-            lambda: ingest(str(source), str(work / f"ingest-{args.workers}"), layout="sots", progress=False)
+            lambda: ingest(str(source), str(work / f"ingest-{args.workers}"), SOTS, progress=False)
         )
         print(f"re-run (no-op, fingerprint match): {rerun:.3f} s")
         for task in ("dehaze", "derain", "lowlight"):

@@ -7,7 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from hdm_platform.cli.data import data
-from hdm_platform.data.ingest import ingest
+from hdm_platform.data.ingest import IngestOptions, ingest
 from realworld import REALWORLD
 
 SOTS = REALWORLD / "dehaze" / "SOTS-indoor"
@@ -15,7 +15,7 @@ SOTS = REALWORLD / "dehaze" / "SOTS-indoor"
 
 def test_export_writes_the_original_bytes_of_one_side(tmp_path: Path) -> None:
     dataset = tmp_path / "sots"
-    ingest(str(SOTS), str(dataset), layout="sots", progress=False)
+    ingest(str(SOTS), str(dataset), IngestOptions(layout="sots"), progress=False)
     runner = CliRunner()
 
     hazy = runner.invoke(data, ["export", str(dataset), "--split", "test", "-o", str(tmp_path / "hazy")])
@@ -38,7 +38,7 @@ def test_export_writes_the_original_bytes_of_one_side(tmp_path: Path) -> None:
 
 def test_export_of_a_missing_split_names_it(tmp_path: Path) -> None:
     dataset = tmp_path / "sots"
-    ingest(str(SOTS), str(dataset), layout="sots", progress=False)
+    ingest(str(SOTS), str(dataset), IngestOptions(layout="sots"), progress=False)
     result = CliRunner().invoke(data, ["export", str(dataset), "--split", "train", "-o", str(tmp_path / "x")])
     assert result.exit_code == 1
     assert "no split 'train'" in result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from hdm_platform.cli.data import data
-from hdm_platform.data.ingest import IngestError, ingest
+from hdm_platform.data.ingest import IngestError, IngestOptions, ingest
+from hdm_platform.data.layouts import LayoutOptions
 from hdm_platform.data.manifest import DatasetNotFoundError, Manifest
 from hdm_platform.data.storage import open_filesystem
 from realworld import REALWORLD
 
 REAL = REALWORLD
 MakePng = Callable[..., bytes]
+SOTS = IngestOptions(layout="sots")
 
 
 def rows_of(uri: str, split: str, **storage: object) -> list[dict]:
@@ -45,8 +48,9 @@ def sots_like(tmp_path: Path, make_png: MakePng) -> Path:
 
 
 def test_real_sots_sample_pairs_by_scene_and_round_trips_bytes_and_pixels(tmp_path: Path) -> None:
-    result = ingest(str(REAL / "dehaze/SOTS-indoor"), str(tmp_path / "sots"), layout="sots", progress=False)
+    result = ingest(str(REAL / "dehaze/SOTS-indoor"), str(tmp_path / "sots"), SOTS, progress=False)
     assert (result.pairs, result.shards, result.unchanged) == (5, 1, False)
+    assert "\npaired by name: hazy/SCENE_K[_BETA] -> gt|clear/SCENE (5 pairs)" in result.summary()
     rows = rows_of(str(tmp_path / "sots"), "test")
     assert [row["id"] for row in rows] == [
         "sots/1400_1",
@@ -66,9 +70,8 @@ def test_real_sots_sample_pairs_by_scene_and_round_trips_bytes_and_pixels(tmp_pa
 
 
 def test_real_rain100h_and_unpaired_samples(tmp_path: Path) -> None:
-    ingest(
-        str(REAL / "derain/Rain100H"), str(tmp_path / "rain"), layout="rain100h", split="test", progress=False
-    )
+    test_split = IngestOptions(layout="rain100h", pairing=LayoutOptions(split="test"))
+    ingest(str(REAL / "derain/Rain100H"), str(tmp_path / "rain"), test_split, progress=False)
     rain = rows_of(str(tmp_path / "rain"), "test")
     assert len(rain) == 5
     for row in rain:
@@ -77,8 +80,7 @@ def test_real_rain100h_and_unpaired_samples(tmp_path: Path) -> None:
     ingest(
         str(REAL / "dehaze/real-hazy"),
         str(tmp_path / "hazy"),
-        layout="unpaired",
-        task="dehaze",
+        IngestOptions(layout="unpaired", task="dehaze"),
         progress=False,
     )
     manifest = Manifest.load(str(tmp_path / "hazy"))
@@ -90,9 +92,41 @@ def test_real_rain100h_and_unpaired_samples(tmp_path: Path) -> None:
     assert all(row["input"] == Path(row["source_input"]).read_bytes() for row in infer)
 
 
+def test_unpaired_summary_counts_images_not_pairs(tmp_path: Path) -> None:
+    options = IngestOptions(layout="unpaired", task="dehaze")
+    wrote = ingest(str(REAL / "dehaze/real-hazy"), str(tmp_path / "hazy"), options, progress=False)
+    assert wrote.summary().startswith("wrote 5 images (infer 5) in 1 shard(s)")
+    again = ingest(str(REAL / "dehaze/real-hazy"), str(tmp_path / "hazy"), options, progress=False)
+    assert again.unchanged and again.summary().endswith(": 5 images, nothing written")
+    assert " pairs" not in wrote.summary() + again.summary()
+
+
+def test_cli_sots_as_dehazeformer_keeps_it_pairs_same_names_and_says_so(
+    tmp_path: Path, make_png: MakePng
+) -> None:
+    source = tmp_path / "RESIDE-IN"
+    for scene, rendering in ((1400, 1), (1400, 2), (1401, 1)):
+        clear = make_png(source / "clear" / f"{scene}_{rendering}.png", seed=scene)
+        make_png(source / "hazy" / f"{scene}_{rendering}.png", seed=rendering)
+    result = CliRunner().invoke(
+        data, ["ingest", "--layout", "sots", "--no-progress", str(source), str(tmp_path / "ds")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote 3 pairs (test 3)" in result.output
+    same_name = "hazy/SCENE_K[_BETA] -> gt|clear/SCENE_K[_BETA] (same name)"
+    assert f"paired by name: {same_name} (3 pairs)" in result.output
+    rows = rows_of(str(tmp_path / "ds"), "test")
+    assert [(Path(r["source_input"]).name, Path(r["source_target"]).name) for r in rows] == [
+        ("1400_1.png", "1400_1.png"),
+        ("1400_2.png", "1400_2.png"),
+        ("1401_1.png", "1401_1.png"),
+    ]
+    assert rows[-1]["target"] == clear
+
+
 def test_did_halves_are_cropped_losslessly(tmp_path: Path, make_png: MakePng) -> None:
     whole = pixels(make_png(tmp_path / "did/DID-MDN-training/1.png", width=10, height=6))
-    ingest(str(tmp_path / "did"), str(tmp_path / "out"), layout="did", progress=False)
+    ingest(str(tmp_path / "did"), str(tmp_path / "out"), IngestOptions(layout="did"), progress=False)
     (row,) = rows_of(str(tmp_path / "out"), "train")
     assert (row["width"], row["height"], row["input_format"]) == (5, 6, "PNG")
     np.testing.assert_array_equal(pixels(row["target"]), whole[:, :5])
@@ -100,9 +134,8 @@ def test_did_halves_are_cropped_losslessly(tmp_path: Path, make_png: MakePng) ->
 
 
 def test_small_shard_size_splits_rows_over_several_shards(tmp_path: Path, sots_like: Path) -> None:
-    result = ingest(
-        str(sots_like), str(tmp_path / "ds"), layout="sots", shard_size=1, workers=2, progress=False
-    )
+    options = replace(SOTS, shard_size=1, workers=2)
+    result = ingest(str(sots_like), str(tmp_path / "ds"), options, progress=False)
     manifest = Manifest.load(str(tmp_path / "ds"))
     assert result.shards == 3
     assert [shard.rows for shard in manifest.splits["test"].shards] == [1, 1, 1]
@@ -121,7 +154,7 @@ def test_ingest_from_and_to_s3_served_by_moto(s3_bucket: str, sots_like: Path) -
     fs, bucket = open_filesystem(s3_bucket)
     fs.put(str(sots_like), f"{bucket}/raw/sots", recursive=True)
     dest = f"{s3_bucket}/datasets/sots"
-    result = ingest(f"{s3_bucket}/raw/sots", dest, layout="sots", progress=False)
+    result = ingest(f"{s3_bucket}/raw/sots", dest, SOTS, progress=False)
     assert result.pairs == 3
     s3fs.S3FileSystem.clear_instance_cache()
     manifest = Manifest.load(dest)
@@ -131,7 +164,7 @@ def test_ingest_from_and_to_s3_served_by_moto(s3_bucket: str, sots_like: Path) -
         (sots_like / f"hazy/{s}_1.png").read_bytes() for s in (10, 11, 12)
     ]
     assert rows[0]["source_input"] == f"{s3_bucket}/raw/sots/hazy/10_1.png"
-    assert ingest(f"{s3_bucket}/raw/sots", dest, layout="sots", progress=False).unchanged
+    assert ingest(f"{s3_bucket}/raw/sots", dest, SOTS, progress=False).unchanged
 
 
 def test_explicit_endpoint_option_overrides_the_environment(
@@ -140,7 +173,7 @@ def test_explicit_endpoint_option_overrides_the_environment(
     endpoint = open_filesystem(s3_bucket)[0].endpoint_url
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     options = {"endpoint_url": endpoint, "region": "us-east-1"}
-    ingest(str(sots_like), f"{s3_bucket}/ds", layout="sots", storage_options=options, progress=False)
+    ingest(str(sots_like), f"{s3_bucket}/ds", SOTS, storage_options=options, progress=False)
     assert Manifest.load(f"{s3_bucket}/ds", options).rows == 3
 
 
@@ -148,7 +181,7 @@ def test_crash_before_the_manifest_leaves_the_previous_dataset_intact(
     tmp_path: Path, sots_like: Path, make_png: MakePng, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dest = tmp_path / "ds"
-    ingest(str(sots_like), str(dest), layout="sots", progress=False)
+    ingest(str(sots_like), str(dest), SOTS, progress=False)
     before_manifest = (dest / "manifest.json").read_bytes()
     before_shards = shard_files(dest)
     make_png(sots_like / "gt/13.png", seed=13)
@@ -159,7 +192,7 @@ def test_crash_before_the_manifest_leaves_the_previous_dataset_intact(
 
     monkeypatch.setattr(Manifest, "save", crash)
     with pytest.raises(OSError, match="simulated crash"):
-        ingest(str(sots_like), str(dest), layout="sots", progress=False)
+        ingest(str(sots_like), str(dest), SOTS, progress=False)
     monkeypatch.undo()
     assert (dest / "manifest.json").read_bytes() == before_manifest
     assert shard_files(dest) == before_shards
@@ -168,7 +201,7 @@ def test_crash_before_the_manifest_leaves_the_previous_dataset_intact(
     fresh = tmp_path / "fresh"
     monkeypatch.setattr(Manifest, "save", crash)
     with pytest.raises(OSError):
-        ingest(str(sots_like), str(fresh), layout="sots", progress=False)
+        ingest(str(sots_like), str(fresh), SOTS, progress=False)
     monkeypatch.undo()
     with pytest.raises(DatasetNotFoundError, match=r"manifest\.json missing"):
         Manifest.load(str(fresh))
@@ -178,40 +211,46 @@ def test_rerun_is_a_noop_and_a_changed_source_is_a_clean_rewrite(
     tmp_path: Path, sots_like: Path, make_png: MakePng
 ) -> None:
     dest = tmp_path / "ds"
-    first = ingest(str(sots_like), str(dest), layout="sots", progress=False)
+    first = ingest(str(sots_like), str(dest), SOTS, progress=False)
     shards = shard_files(dest)
     mtimes = {path: path.stat().st_mtime_ns for path in dest.rglob("*")}
-    again = ingest(str(sots_like), str(dest), layout="sots", progress=False)
+    again = ingest(str(sots_like), str(dest), SOTS, progress=False)
     assert again.unchanged and again.manifest.generation == first.manifest.generation
     assert {path: path.stat().st_mtime_ns for path in dest.rglob("*")} == mtimes
 
     make_png(sots_like / "gt/13.png", seed=13)
     make_png(sots_like / "hazy/13_1.png", seed=113)
-    rewrite = ingest(str(sots_like), str(dest), layout="sots", progress=False)
+    rewrite = ingest(str(sots_like), str(dest), SOTS, progress=False)
     assert not rewrite.unchanged and rewrite.manifest.generation != first.manifest.generation
     ids = [row["id"] for row in rows_of(str(dest), "test")]
     assert ids == ["sots/10_1", "sots/11_1", "sots/12_1", "sots/13_1"]
     assert shard_files(dest).isdisjoint(shards)
     assert all(rewrite.manifest.generation in name for name in shard_files(dest))
 
-    changed_args = ingest(str(sots_like), str(dest), layout="sots", shard_size=1, progress=False)
+    changed_args = ingest(str(sots_like), str(dest), replace(SOTS, shard_size=1), progress=False)
     assert not changed_args.unchanged and len(shard_files(dest)) == 4
 
 
-def test_bad_pairs_stop_with_an_error_naming_the_files(
-    tmp_path: Path, sots_like: Path, make_png: MakePng
-) -> None:
+@pytest.fixture
+def sots_with_bad_pairs(sots_like: Path, make_png: MakePng) -> Path:
+    """``sots_like`` with a truncated input (11_1), a size mismatch (12_1) and an input
+    without a clear image (14_1); only 10_1 is good."""
     (sots_like / "hazy/11_1.png").write_bytes((sots_like / "hazy/11_1.png").read_bytes()[:60])
     make_png(sots_like / "hazy/12_1.png", width=9, height=8)
     make_png(sots_like / "hazy/14_1.png")
+    return sots_like
+
+
+def test_bad_pairs_stop_with_an_error_naming_the_files(tmp_path: Path, sots_with_bad_pairs: Path) -> None:
+    source = sots_with_bad_pairs
     dest = tmp_path / "ds"
     with pytest.raises(IngestError) as missing:
-        ingest(str(sots_like), str(dest), layout="sots", progress=False)
+        ingest(str(source), str(dest), SOTS, progress=False)
     assert "hazy/14_1.png: missing partner" in str(missing.value)
     assert not dest.exists()
-    (sots_like / "hazy/14_1.png").unlink()
+    (source / "hazy/14_1.png").unlink()
     with pytest.raises(IngestError) as unreadable:
-        ingest(str(sots_like), str(dest), layout="sots", workers=1, progress=False)
+        ingest(str(source), str(dest), replace(SOTS, workers=1), progress=False)
     message = str(unreadable.value)
     assert "hazy/11_1.png <-> " in message and "unreadable image" in message
     assert "hazy/12_1.png <-> " in message and "size mismatch: input 9x8, target 12x8" in message
@@ -220,12 +259,10 @@ def test_bad_pairs_stop_with_an_error_naming_the_files(
 
 
 def test_on_error_skip_lists_every_skipped_pair_in_the_manifest(
-    tmp_path: Path, sots_like: Path, make_png: MakePng
+    tmp_path: Path, sots_with_bad_pairs: Path
 ) -> None:
-    (sots_like / "hazy/11_1.png").write_bytes((sots_like / "hazy/11_1.png").read_bytes()[:60])
-    make_png(sots_like / "hazy/12_1.png", width=9, height=8)
-    make_png(sots_like / "hazy/14_1.png")
-    result = ingest(str(sots_like), str(tmp_path / "ds"), layout="sots", on_error="skip", progress=False)
+    skip = replace(SOTS, on_error="skip")
+    result = ingest(str(sots_with_bad_pairs), str(tmp_path / "ds"), skip, progress=False)
     assert (result.pairs, result.skipped) == (1, 3)
     skipped = {Path(s.input).name: s.reason for s in Manifest.load(str(tmp_path / "ds")).skipped}
     assert set(skipped) == {"11_1.png", "12_1.png", "14_1.png"}
@@ -257,7 +294,22 @@ def test_cli_ingest_reports_summary_noop_and_errors(tmp_path: Path, sots_like: P
 
 def test_wrong_layout_or_missing_source_fails_clearly(tmp_path: Path, sots_like: Path) -> None:
     with pytest.raises(FileNotFoundError, match="layout 'lol' found no pairs among the images under"):
-        ingest(str(sots_like), str(tmp_path / "ds"), layout="lol", progress=False)
+        ingest(str(sots_like), str(tmp_path / "ds"), IngestOptions(layout="lol"), progress=False)
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        ingest(str(tmp_path / "absent"), str(tmp_path / "ds"), layout="sots", progress=False)
+        ingest(str(tmp_path / "absent"), str(tmp_path / "ds"), SOTS, progress=False)
     assert not (tmp_path / "ds").exists()
+
+
+def test_bad_options_are_refused_naming_the_option() -> None:
+    with pytest.raises(ValueError, match="unknown layout 'sot'; choose one of its, sots"):
+        IngestOptions(layout="sot")
+    with pytest.raises(ValueError, match="layout 'paired' needs a task"):
+        IngestOptions(layout="paired")
+    with pytest.raises(ValueError, match="unknown task 'fog'"):
+        IngestOptions(layout="sots", task="fog")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        IngestOptions(layout="sots", pairing=LayoutOptions(split="dev"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip', got 'ignore'"):
+        IngestOptions(layout="sots", on_error="ignore")  # type: ignore[arg-type]
+    assert IngestOptions(layout="unpaired", task="derain").resolved_task == "derain"
+    assert SOTS.resolved_task == "dehaze"

@@ -9,8 +9,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from hdm_platform.cli.data import data
-from hdm_platform.data.ingest import ingest
+from hdm_platform.data.ingest import IngestOptions, ingest
 from hdm_platform.data.inspect import inspect_dataset
+from hdm_platform.data.layouts import LayoutOptions
 from hdm_platform.data.manifest import DatasetNotFoundError
 from realworld import REALWORLD
 
@@ -18,7 +19,8 @@ REAL = REALWORLD
 
 
 def test_inspect_real_sots_reports_counts_sizes_and_psnr(tmp_path: Path) -> None:
-    ingest(str(REAL / "dehaze/SOTS-indoor"), str(tmp_path / "sots"), layout="sots", progress=False)
+    ingest(str(REAL / "dehaze/SOTS-indoor"), str(tmp_path / "sots"), IngestOptions(layout="sots"),
+           progress=False)  # fmt: skip
     report = inspect_dataset(str(tmp_path / "sots"), psnr_pairs=3)
     (split,) = report.splits
     assert (split.split, split.rows, split.shards) == ("test", 5, 1)
@@ -35,9 +37,7 @@ def test_cli_inspect_writes_a_contact_sheet_with_one_line_per_pair(tmp_path: Pat
     ingest(
         str(REAL / "derain/Rain100H"),
         str(tmp_path / "rain"),
-        layout="rain100h",
-        split="test",
-        val_fraction=0.0,
+        IngestOptions(layout="rain100h", pairing=LayoutOptions(split="test"), val_fraction=0.0),
         progress=False,
     )
     sheet = tmp_path / "sheets" / "rain.png"
@@ -68,8 +68,7 @@ def test_inspect_unpaired_set_has_no_psnr_and_a_sheet_without_targets(tmp_path: 
     ingest(
         str(REAL / "lowlight/DICM"),
         str(tmp_path / "dicm"),
-        layout="unpaired",
-        task="lowlight",
+        IngestOptions(layout="unpaired", task="lowlight"),
         progress=False,
     )
     report = inspect_dataset(str(tmp_path / "dicm"), contact_sheet=str(tmp_path / "dicm.png"), sheet_pairs=2)

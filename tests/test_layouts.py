@@ -51,6 +51,23 @@ def test_sots_indoor_gt_and_outdoor_clear_with_jpeg_inputs_are_test_pairs() -> N
     }
 
 
+def test_sots_as_dehazeformer_keeps_it_pairs_same_names_and_says_so() -> None:
+    # DehazeFormer's data/RESIDE-IN gives each hazy rendering a clear image of its own name.
+    files = ["test/hazy/1400_1.png", "test/hazy/1400_2.png", "test/GT/1400_1.png", "test/GT/1400_2.png"]
+    pairing = get_layout("sots").pair(files, LayoutOptions())
+    assert pairing.problems == []
+    assert [(p.id, p.split, p.input, p.target) for p in pairing.pairs] == [
+        ("sots/test/1400_1", "test", "test/hazy/1400_1.png", "test/GT/1400_1.png"),
+        ("sots/test/1400_2", "test", "test/hazy/1400_2.png", "test/GT/1400_2.png"),
+    ]
+    assert pairing.namings == {"hazy/SCENE_K[_BETA] -> gt|clear/SCENE_K[_BETA] (same name)": 2}
+    # Both renderings of scene 1400 are one group, so a validation split keeps them together.
+    assert {p.group for p in pairing.pairs} == {"test/GT/1400.png"}
+    published = get_layout("sots").pair(["hazy/1400_1.png", "gt/1400.png"], LayoutOptions())
+    assert published.namings == {"hazy/SCENE_K[_BETA] -> gt|clear/SCENE": 1}
+    assert [p.group for p in published.pairs] == ["gt/1400.png"]
+
+
 @pytest.mark.parametrize("layout", ["nh-haze", "dense-haze"])
 def test_nh_and_dense_haze_pair_hazy_with_gt_in_one_folder_or_subfolders(layout: str) -> None:
     flat, problems = pair(layout, ["01_hazy.png", "01_GT.png", "02_hazy.png", "02_GT.png"], split="test")

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from hdm_platform.data.layouts import LAYOUTS
+from hdm_platform.data.layouts import LAYOUTS, LayoutOptions
 from hdm_platform.vocabulary import SPLITS, TASKS
 
 __all__ = ["data"]
@@ -194,27 +194,26 @@ def ingest_command(
     storage_options: dict[str, Any],
 ) -> None:
     """Ingest the paired benchmark at SOURCE into a dataset at DEST_URI (any fsspec URI)."""
-    from hdm_platform.data.ingest import IngestError, ingest
+    from hdm_platform.data.ingest import IngestError, IngestOptions, ingest
 
     try:
-        result = ingest(
-            source,
-            dest_uri,
+        options = IngestOptions(
             layout=layout,
-            task=task,
-            split=split,  # type: ignore[arg-type]
+            task=task,  # type: ignore[arg-type]
+            pairing=LayoutOptions(
+                split=split,  # type: ignore[arg-type]
+                pair_pattern=pair_pattern,
+                input_dir=input_dir,
+                target_dir=target_dir,
+                input_half=did_input_half,  # type: ignore[arg-type]
+            ),
             val_fraction=val_fraction,
-            pair_pattern=pair_pattern,
-            input_dir=input_dir,
-            target_dir=target_dir,
-            input_half=did_input_half,  # type: ignore[arg-type]
             on_error=on_error,  # type: ignore[arg-type]
             shard_size=shard_size,
             workers=workers,
             name=name,
-            storage_options=storage_options,
-            progress=not no_progress,
         )
+        result = ingest(source, dest_uri, options, storage_options=storage_options, progress=not no_progress)
     except (IngestError, ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(result.summary())

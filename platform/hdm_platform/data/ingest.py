@@ -17,9 +17,9 @@ import io
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, field, fields, replace
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from PIL import Image
 from tqdm import tqdm
@@ -31,9 +31,7 @@ from hdm_platform.data.layouts import (
     get_layout,
     is_image,
 )
-from hdm_platform.data.manifest import SPLITS, TASKS, Manifest, SkippedPair, Split
-from hdm_platform.data.storage import join_uri, list_files, open_filesystem
-from hdm_platform.imageio import probe_image
+from hdm_platform.data.manifest import SPLITS, TASKS, Manifest, SkippedPair, Task
 from hdm_platform.data.shard_writer import (
     DEFAULT_SHARD_SIZE,
     DatasetWriter,
@@ -41,13 +39,16 @@ from hdm_platform.data.shard_writer import (
     current_manifest,
     fingerprint,
 )
+from hdm_platform.data.storage import join_uri, list_files, open_filesystem
+from hdm_platform.imageio import probe_image
 
 __all__ = [
-    "OnError",
     "IngestError",
+    "IngestOptions",
     "IngestResult",
-    "ingest",
+    "OnError",
     "assign_val_split",
+    "ingest",
 ]
 
 OnError = Literal["raise", "skip"]
@@ -72,8 +73,67 @@ class IngestError(ValueError):
 
 
 @dataclass(frozen=True)
+class IngestOptions:
+    """What to make of a benchmark folder: how its files pair, and how the dataset is written.
+
+    Attributes:
+        layout: one of :data:`hdm_platform.data.layouts.LAYOUTS`.
+        task: "dehaze", "derain" or "lowlight"; defaults from the layout.
+        pairing: the layout's options: the split for pairs whose layout and folders name
+            none, the ``paired`` layout's folders and pattern, the ``did`` layout's input half.
+        val_fraction: fraction of the training pairs moved to "val" (by hash).
+        on_error: "raise" stops at bad pairs with nothing written; "skip" leaves them out
+            and lists them in the manifest's ``skipped``.
+        shard_size: encoded image bytes per shard.
+        workers: threads reading images and writing shards.
+        name: the dataset's name; defaults to the last component of the destination.
+
+    Raises:
+        ValueError: an unknown layout, task, split or ``on_error``, or a layout without a
+            default task and no ``task``.
+    """
+
+    layout: str
+    task: Task | None = None
+    pairing: LayoutOptions = field(default_factory=LayoutOptions)
+    val_fraction: float = 0.0
+    on_error: OnError = "raise"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    workers: int = 8
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        task: str | None = self.resolved_task
+        if task is None:
+            raise ValueError(f"layout {self.layout!r} needs a task: one of {', '.join(TASKS)}")
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        split = self.pairing.split
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+
+    @property
+    def resolved_task(self) -> Task:
+        """``task``, or the layout's default (``__post_init__`` checks that there is one)."""
+        return cast(Task, self.task or get_layout(self.layout).default_task)
+
+    def fingerprinted(self, source: str) -> dict[str, Any]:
+        """What decides the dataset, for its fingerprint: every option but ``workers``
+        (it changes how fast the dataset is written, not what is written)."""
+        options = {item.name: getattr(self, item.name) for item in fields(self)}
+        del options["pairing"], options["workers"]
+        return {**options, **asdict(self.pairing), "task": self.resolved_task, "source": source}
+
+
+@dataclass(frozen=True)
 class IngestResult:
-    """What an ingest did; ``unchanged`` means the dataset was already up to date."""
+    """What an ingest did; ``unchanged`` means the dataset was already up to date.
+
+    ``namings`` counts the pairs found by each of the layout's namings
+    (:attr:`hdm_platform.data.layouts.Pairing.namings`).
+    """
 
     manifest: Manifest
     unchanged: bool
@@ -82,19 +142,27 @@ class IngestResult:
     shards: int
     skipped: int
     seconds: float
+    namings: Mapping[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
+        # An unpaired set holds single images, not pairs.
+        rows = f"{self.pairs} {'pairs' if self.manifest.paired else 'images'}"
         if self.unchanged:
-            return (
+            text = (
                 f"{self.manifest.uri} is up to date (fingerprint {self.manifest.fingerprint[:12]}): "
-                f"{self.pairs} pairs, nothing written"
+                f"{rows}, nothing written"
             )
-        splits = ", ".join(f"{name} {info.rows}" for name, info in self.manifest.splits.items())
-        return (
-            f"wrote {self.pairs} pairs ({splits}) in {self.shards} shard(s), "
-            f"{self.bytes / 2**20:.1f} MiB, {self.skipped} skipped, {self.seconds:.1f} s "
-            f"-> {self.manifest.uri} (generation {self.manifest.generation})"
-        )
+        else:
+            splits = ", ".join(f"{name} {info.rows}" for name, info in self.manifest.splits.items())
+            text = (
+                f"wrote {rows} ({splits}) in {self.shards} shard(s), "
+                f"{self.bytes / 2**20:.1f} MiB, {self.skipped} skipped, {self.seconds:.1f} s "
+                f"-> {self.manifest.uri} (generation {self.manifest.generation})"
+            )
+        if self.namings:
+            found = "; ".join(f"{naming} ({count} pairs)" for naming, count in self.namings.items())
+            text += f"\npaired by name: {found}"
+        return text
 
 
 def _describe(problem: Problem) -> str:
@@ -202,143 +270,121 @@ def _batched(items: Sequence[PairSpec], size: int) -> Iterator[Sequence[PairSpec
 def ingest(
     source: str,
     dest: str,
+    options: IngestOptions,
     *,
-    layout: str,
-    task: str | None = None,
-    split: Split | None = None,
-    val_fraction: float = 0.0,
-    pair_pattern: str | None = None,
-    input_dir: str = "input",
-    target_dir: str = "target",
-    input_half: Literal["left", "right"] = "right",
-    on_error: OnError = "raise",
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    workers: int = 8,
-    name: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> IngestResult:
     """Ingests the benchmark at ``source`` into the dataset at ``dest``.
 
-    Re-running with the same arguments on an unchanged source is a no-op; anything else
+    Re-running with the same options on an unchanged source is a no-op; anything else
     writes a new generation and swaps the manifest (see :mod:`hdm_platform.data.shard_writer`).
 
     Args:
         source: the benchmark folder (plain path or fsspec URI).
         dest: the dataset folder to write (plain path or fsspec URI).
-        layout: one of :data:`hdm_platform.data.layouts.LAYOUTS`.
-        task: "dehaze", "derain" or "lowlight"; defaults from the layout.
-        split: the split for pairs whose layout and folders name none.
-        val_fraction: fraction of the training pairs moved to "val" (by hash).
-        pair_pattern, input_dir, target_dir: options of the ``paired`` layout.
-        input_half: ``did`` layout: the half that is the rainy input.
-        on_error: "raise" stops at bad pairs with nothing written; "skip" leaves them out
-            and lists them in the manifest's ``skipped``.
-        shard_size: encoded image bytes per shard.
-        workers: threads reading images and writing shards.
-        name: the dataset's name; defaults to the last component of ``dest``.
+        options: the layout, task and the rest (:class:`IngestOptions`).
         storage_options: fsspec options for both ``source`` and ``dest``.
         progress: show a tqdm progress bar.
 
     Raises:
-        IngestError: bad pairs under ``on_error="raise"``.
-        ValueError: bad arguments (unknown layout, task or split, missing task).
-        FileNotFoundError: ``source`` is not a folder.
+        IngestError: bad pairs under ``on_error="raise"``, or no good pair left.
+        ValueError: bad layout options (``--pair-pattern``, folders, val fraction).
+        FileNotFoundError: ``source`` is not a folder, or holds no pairs of the layout.
     """
     started = time.perf_counter()
-    chosen = get_layout(layout)
-    task = task or chosen.default_task
-    if task is None:
-        raise ValueError(f"layout {layout!r} needs a task: one of {', '.join(TASKS)}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-
     source = source.rstrip("/")
     source_fs, source_root = open_filesystem(source, storage_options)
     listing = [entry for entry in list_files(source_fs, source_root) if is_image(entry.path)]
     if not listing:
         raise FileNotFoundError(f"no images under {source}")
-    options = LayoutOptions(
-        split=split,
-        pair_pattern=pair_pattern,
-        input_dir=input_dir,
-        target_dir=target_dir,
-        input_half=input_half,
-    )
-    pairing = chosen.pair([entry.path for entry in listing], options)
-    pairs = assign_val_split(pairing.pairs, val_fraction)
-    arguments = {
-        "layout": layout,
-        "task": task,
-        "split": split,
-        "val_fraction": val_fraction,
-        "pair_pattern": pair_pattern,
-        "input_dir": input_dir,
-        "target_dir": target_dir,
-        "input_half": input_half,
-        "on_error": on_error,
-        "shard_size": shard_size,
-        "name": name,
-        "source": source,
-    }
-    digest = fingerprint("ingest", arguments, (astuple(entry) for entry in listing))
+    layout = get_layout(options.layout)
+    pairing = layout.pair([entry.path for entry in listing], options.pairing)
+    pairs = assign_val_split(pairing.pairs, options.val_fraction)
+    digest = fingerprint("ingest", options.fingerprinted(source), (astuple(entry) for entry in listing))
     existing = current_manifest(dest, digest, storage_options)
     if existing is not None:
-        return IngestResult(
-            existing, True, existing.rows, 0, 0, len(existing.skipped), time.perf_counter() - started
-        )
+        skipped, seconds = len(existing.skipped), time.perf_counter() - started
+        return IngestResult(existing, True, existing.rows, 0, 0, skipped, seconds, pairing.namings)
+    _check_pairing(pairs, pairing.problems, options, source)
 
-    problems = list(pairing.problems)
-    if problems and on_error == "raise":
+    reader = _PairReader(source_fs, source_root, source, options.resolved_task)
+    with DatasetWriter(
+        dest, storage_options=storage_options, shard_size=options.shard_size, workers=options.workers
+    ) as writer:
+        bad, stored_bytes = _write_pairs(
+            writer, reader, pairs, options, source, paired=layout.paired, progress=progress
+        )
+        problems = [*pairing.problems, *bad]
+        if stored_bytes == 0:
+            raise IngestError(problems, source, hint=_NOTHING_LEFT)
+        manifest = writer.commit(
+            name=options.name or PurePosixPath(dest.rstrip("/")).name or "dataset",
+            task=options.resolved_task,
+            layout=options.layout,
+            paired=layout.paired,
+            source=source,
+            fingerprint=digest,
+            skipped=[_skipped(problem, source) for problem in problems],
+        )
+    shards = sum(len(info.shards) for info in manifest.splits.values())
+    seconds = time.perf_counter() - started
+    return IngestResult(
+        manifest, False, manifest.rows, stored_bytes, shards, len(problems), seconds, pairing.namings
+    )
+
+
+def _check_pairing(
+    pairs: Sequence[PairSpec], problems: Sequence[Problem], options: IngestOptions, source: str
+) -> None:
+    """Stops before anything is written: at the layout's problems under "raise", or when
+    the layout found no pair at all."""
+    if problems and options.on_error == "raise":
         raise IngestError(problems, source, hint=_STOPPED)
     if not pairs:
         if not problems:
-            raise FileNotFoundError(f"layout {layout!r} found no pairs among the images under {source}")
+            raise FileNotFoundError(
+                f"layout {options.layout!r} found no pairs among the images under {source}"
+            )
         raise IngestError(problems, source, hint=_NOTHING_LEFT)
 
-    reader = _PairReader(source_fs, source_root, source, task)
+
+def _write_pairs(
+    writer: DatasetWriter,
+    reader: _PairReader,
+    pairs: Sequence[PairSpec],
+    options: IngestOptions,
+    source: str,
+    *,
+    paired: bool,
+    progress: bool,
+) -> tuple[list[Problem], int]:
+    """Reads ``pairs`` in parallel batches into ``writer``; returns the bad pairs (raising
+    at the first batch with any under "raise") and the image bytes stored."""
+    bad: list[Problem] = []
     stored_bytes = 0
+    unit = "pair" if paired else "image"
     with (
-        DatasetWriter(
-            dest, storage_options=storage_options, shard_size=shard_size, workers=workers
-        ) as writer,
-        ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ingest") as pool,
-        tqdm(total=len(pairs), unit="pair", desc=f"ingest {layout}", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="ingest") as pool,
+        tqdm(total=len(pairs), unit=unit, desc=f"ingest {options.layout}", disable=not progress) as bar,
     ):
         for batch in _batched(pairs, _BATCH):
             results = list(pool.map(reader, batch))
-            bad = [result for result in results if isinstance(result, Problem)]
-            if bad and on_error == "raise":
-                raise IngestError(bad, source, hint=_STOPPED)
-            problems.extend(bad)
+            batch_bad = [result for result in results if isinstance(result, Problem)]
+            if batch_bad and options.on_error == "raise":
+                raise IngestError(batch_bad, source, hint=_STOPPED)
+            bad.extend(batch_bad)
             for result in results:
                 if isinstance(result, Row):
                     writer.add(result)
                     stored_bytes += result.nbytes
             bar.update(len(batch))
-        if stored_bytes == 0:
-            raise IngestError(problems, source, hint=_NOTHING_LEFT)
-        manifest = writer.commit(
-            name=name or PurePosixPath(dest.rstrip("/")).name or "dataset",
-            task=task,
-            layout=layout,
-            paired=chosen.paired,
-            source=source,
-            fingerprint=digest,
-            skipped=[
-                SkippedPair(
-                    input=join_uri(source, problem.input) if problem.input else None,
-                    target=join_uri(source, problem.target) if problem.target else None,
-                    reason=problem.reason,
-                )
-                for problem in problems
-            ],
-        )
-    shards = sum(len(info.shards) for info in manifest.splits.values())
-    return IngestResult(
-        manifest, False, manifest.rows, stored_bytes, shards, len(problems), time.perf_counter() - started
+    return bad, stored_bytes
+
+
+def _skipped(problem: Problem, source: str) -> SkippedPair:
+    return SkippedPair(
+        input=join_uri(source, problem.input) if problem.input else None,
+        target=join_uri(source, problem.target) if problem.target else None,
+        reason=problem.reason,
     )

@@ -10,8 +10,9 @@ Supported layouts (paper section 4 lists the benchmarks):
 layout     naming                                                     task
 ========== ========================================================== ==========
 its        ``hazy/SCENE_K_BETA.png`` -> ``clear/SCENE.png``           dehaze
-sots       ``hazy/SCENE_K[_BETA].png`` -> ``gt/SCENE.png``            dehaze
-           (or ``clear/``); outdoor inputs may be ``.jpg``
+sots       ``hazy/SCENE_K[_BETA].png`` -> ``gt/SCENE.png`` (or         dehaze
+           ``clear/``), or ``gt/SCENE_K[_BETA].png`` of the same name
+           (DehazeFormer's copy); outdoor inputs may be ``.jpg``
 nh-haze    ``NN_hazy.png`` <-> ``NN_GT.png`` in one folder           dehaze
 dense-haze as nh-haze (also with ``hazy/`` and ``GT/`` sub-folders)  dehaze
 rain100l   ``rain/[rain-|norain-]N[x2].png`` -> ``norain/[norain-]N``  derain
@@ -34,8 +35,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Literal
@@ -48,8 +49,9 @@ __all__ = [
     "Half",
     "Layout",
     "LayoutOptions",
-    "Pairing",
+    "Naming",
     "PairSpec",
+    "Pairing",
     "Problem",
     "get_layout",
     "is_image",
@@ -114,7 +116,8 @@ class PairSpec:
     """One pair to ingest; paths are relative to the source folder.
 
     ``group`` is what a validation split hashes: all hazy renderings of one clear scene
-    share it, so a scene never lands in both train and val.
+    share it, so a scene never lands in both train and val. ``naming`` describes how the
+    input's name found its target (None where no name did: ``did``, ``unpaired``).
     """
 
     id: str
@@ -123,6 +126,7 @@ class PairSpec:
     target: str | None
     group: str
     input_half: Half | None = None
+    naming: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,12 @@ class Pairing:
 
     pairs: list[PairSpec] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def namings(self) -> dict[str, int]:
+        """How many pairs each naming paired, in the order first found; empty for the
+        layouts that pair no names (``did``, ``unpaired``)."""
+        return dict(Counter(pair.naming for pair in self.pairs if pair.naming is not None))
 
 
 class Layout(ABC):
@@ -193,6 +203,11 @@ def _scene_key(stem: str) -> str | None:
     return match["scene"] if match else None
 
 
+def _rendering_key(stem: str) -> str | None:
+    # DehazeFormer's copy of RESIDE gives each hazy rendering a clear image of its own name.
+    return stem if _scene_key(stem) is not None else None
+
+
 def _rain_key(stem: str) -> str | None:
     # Rain100L/H and Rain200H copies name the same pair 1.png, rain-1.png, norain-1x2.png
     # (JORDER's X2 folder) or norain-1.png; the key is the number in the middle.
@@ -205,12 +220,81 @@ def _lol_key(stem: str) -> str | None:
     return re.sub(r"^(?:low|normal|high)(?=\d)", "", stem, flags=re.IGNORECASE)
 
 
+@dataclass(frozen=True)
+class Naming:
+    """One way a benchmark names its targets after its inputs.
+
+    An input pairs with the target whose ``target_key`` is the input's ``input_key``
+    (``input_key`` is None for a name this naming does not read). Where each input has a
+    target file of its own, ``scene_key`` says what the renderings of one scene share, so
+    that a validation split keeps them together.
+    """
+
+    description: str
+    input_key: KeyFunction
+    target_key: KeyFunction
+    scene_key: KeyFunction | None = None
+
+    def group(self, target: str, input_stem: str) -> str:
+        """The pair's :attr:`PairSpec.group`: the target, or the scene's image in its folder."""
+        if self.scene_key is None:
+            return target
+        return str(PurePosixPath(target).with_stem(self.scene_key(input_stem) or input_stem))
+
+
+_Folders = tuple[str, ...]
+
+
+def _by_role(
+    files: Sequence[str], input_dirs: frozenset[str], target_dirs: frozenset[str]
+) -> tuple[dict[_Folders, list[tuple[str, _Folders]]], dict[_Folders, list[str]]]:
+    """Inputs (with their folders inside the input folder) and targets, by parent folder."""
+    inputs: dict[_Folders, list[tuple[str, _Folders]]] = defaultdict(list)
+    targets: dict[_Folders, list[str]] = defaultdict(list)
+    for path in filter(is_image, files):
+        parts = PurePosixPath(path).parts
+        folders = [part.lower() for part in parts[:-1]]
+        roles = [i for i, folder in enumerate(folders) if folder in input_dirs | target_dirs]
+        if not roles:
+            continue
+        at = roles[-1]
+        if folders[at] in input_dirs:
+            inputs[parts[:at]].append((path, parts[at + 1 : -1]))
+        else:
+            targets[parts[:at]].append(path)
+    return inputs, targets
+
+
+def _by_key(paths: Sequence[str], key: KeyFunction) -> dict[str, list[str]]:
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        stem = PurePosixPath(path).stem
+        by_key[key(stem) or stem].append(path)
+    return by_key
+
+
+def _find_targets(
+    stem: str, namings: Sequence[Naming], targets: Sequence[Mapping[str, list[str]]]
+) -> tuple[Naming | None, list[str], list[str]]:
+    """The first naming under which ``stem`` has targets, those targets, and the keys tried
+    in vain (none if no naming reads ``stem``); ``targets`` is indexed by each naming's key."""
+    tried: list[str] = []
+    for naming, by_key in zip(namings, targets, strict=True):
+        key = naming.input_key(stem)
+        if key is not None and key in by_key:
+            return naming, by_key[key], tried
+        if key is not None and key not in tried:
+            tried.append(key)
+    return None, [], tried
+
+
 class FolderPairLayout(Layout):
-    """Inputs and targets in sibling folders (``hazy/`` and ``gt/``), paired by a name key.
+    """Inputs and targets in sibling folders (``hazy/`` and ``gt/``), paired by name.
 
     The sibling folders may sit at any depth (``SOTS/indoor/hazy``, ``LOL/our485/low``);
     each parent folder is paired on its own. Inputs may sit in sub-folders of the input
-    folder (``rain/X2/``).
+    folder (``rain/X2/``). Each input is paired by the first of the layout's namings under
+    which it has a target.
     """
 
     def __init__(
@@ -220,8 +304,7 @@ class FolderPairLayout(Layout):
         default_task: Task | None,
         input_dirs: Sequence[str],
         target_dirs: Sequence[str],
-        input_key: KeyFunction,
-        target_key: KeyFunction,
+        namings: Sequence[Naming],
         input_naming: str,
         split: Split | None = None,
     ) -> None:
@@ -230,66 +313,48 @@ class FolderPairLayout(Layout):
         self.split = split
         self._input_dirs = frozenset(d.lower() for d in input_dirs)
         self._target_dirs = frozenset(d.lower() for d in target_dirs)
-        self._input_key = input_key
-        self._target_key = target_key
+        self._naming_rules = tuple(namings)
         self._input_naming = input_naming
 
     def _roles(self, options: LayoutOptions) -> tuple[frozenset[str], frozenset[str]]:
         return self._input_dirs, self._target_dirs
 
-    def _keys(self, options: LayoutOptions) -> tuple[KeyFunction, KeyFunction]:
-        return self._input_key, self._target_key
+    def _namings(self, options: LayoutOptions) -> Sequence[Naming]:
+        return self._naming_rules
 
     def pair(self, files: Sequence[str], options: LayoutOptions) -> Pairing:
         input_dirs, target_dirs = self._roles(options)
-        input_key, target_key = self._keys(options)
-        inputs: dict[tuple[str, ...], list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
-        targets: dict[tuple[str, ...], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-        for path in filter(is_image, files):
-            parts = PurePosixPath(path).parts
-            folders = [part.lower() for part in parts[:-1]]
-            roles = [i for i, folder in enumerate(folders) if folder in input_dirs | target_dirs]
-            if not roles:
-                continue
-            at = roles[-1]
-            parent, inner = parts[:at], parts[at + 1 : -1]
-            stem = PurePosixPath(path).stem
-            if folders[at] in input_dirs:
-                inputs[parent].append((path, inner))
-            else:
-                targets[parent][target_key(stem) or stem].append(path)
-
+        namings = self._namings(options)
+        inputs, targets = _by_role(files, input_dirs, target_dirs)
         pairs: list[PairSpec] = []
         problems: list[Problem] = []
         used: set[str] = set()
         for parent, members in inputs.items():
             split = self._split(parent, options)
+            by_key = [_by_key(targets.get(parent, []), naming.target_key) for naming in namings]
+            expected = "/".join([*parent, "|".join(sorted(target_dirs))])
             for path, inner in members:
                 stem = PurePosixPath(path).stem
-                key = input_key(stem)
-                if key is None:
+                naming, candidates, tried = _find_targets(stem, namings, by_key)
+                used.update(candidates)
+                if naming is None and not tried:
                     problems.append(Problem(path, None, f"name does not follow {self._input_naming}"))
-                    continue
-                candidates = targets.get(parent, {}).get(key, [])
-                if not candidates:
-                    expected = "/".join([*parent, "|".join(sorted(target_dirs))])
-                    problems.append(Problem(path, None, f"missing partner: no target {key!r} in {expected}/"))
-                    continue
-                if len(candidates) > 1:
+                elif naming is None:
+                    keys = " or ".join(repr(key) for key in tried)
+                    problems.append(Problem(path, None, f"missing partner: no target {keys} in {expected}/"))
+                elif len(candidates) > 1:
                     problems.append(Problem(path, None, f"ambiguous targets: {', '.join(candidates)}"))
-                    used.update(candidates)
-                    continue
-                target = candidates[0]
-                used.add(target)
-                pair_id = self._id(*parent, *inner, stem)
-                pairs.append(PairSpec(pair_id, split, path, target, group=target))
-        for by_key in targets.values():
-            for paths in by_key.values():
-                problems.extend(
-                    Problem(None, path, "missing partner: no input for this target")
-                    for path in paths
-                    if path not in used
-                )
+                else:
+                    target = candidates[0]
+                    pair_id = self._id(*parent, *inner, stem)
+                    group = naming.group(target, stem)
+                    pairs.append(PairSpec(pair_id, split, path, target, group, naming=naming.description))
+        problems.extend(
+            Problem(None, path, "missing partner: no input for this target")
+            for paths in targets.values()
+            for path in paths
+            if path not in used
+        )
         return _finish(pairs, problems)
 
 
@@ -302,8 +367,7 @@ class GenericPairedLayout(FolderPairLayout):
             default_task=None,
             input_dirs=(),
             target_dirs=(),
-            input_key=_stem_key,
-            target_key=_stem_key,
+            namings=(),
             input_naming="the pair pattern",
         )
 
@@ -313,9 +377,10 @@ class GenericPairedLayout(FolderPairLayout):
             raise ValueError(f"input and target folders must differ, both are {input_dir!r}")
         return frozenset({input_dir}), frozenset({target_dir})
 
-    def _keys(self, options: LayoutOptions) -> tuple[KeyFunction, KeyFunction]:
+    def _namings(self, options: LayoutOptions) -> Sequence[Naming]:
+        folders = f"{options.input_dir}/NAME -> {options.target_dir}/"
         if options.pair_pattern is None:
-            return _stem_key, _stem_key
+            return [Naming(folders + "NAME", _stem_key, _stem_key)]
         try:
             pattern = re.compile(options.pair_pattern)
         except re.error as error:
@@ -327,7 +392,7 @@ class GenericPairedLayout(FolderPairLayout):
             match = pattern.fullmatch(stem)
             return match["key"] if match else None
 
-        return input_key, _stem_key
+        return [Naming(f"{folders}KEY, NAME matching {options.pair_pattern}", input_key, _stem_key)]
 
 
 class SuffixPairLayout(Layout):
@@ -336,6 +401,7 @@ class SuffixPairLayout(Layout):
 
     _ROLE = re.compile(r"(?P<key>.+)_(?P<role>hazy|gt)", flags=re.IGNORECASE)
     _ROLE_FOLDERS = frozenset({"hazy", "gt"})
+    _NAMING = "NN_hazy <-> NN_GT"
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -361,8 +427,8 @@ class SuffixPairLayout(Layout):
         for (parent, key), roles in groups.items():
             hazy, clear = roles.get("hazy", []), roles.get("gt", [])
             if len(hazy) == 1 and len(clear) == 1:
-                pair_id = self._id(*parent, key)
-                pairs.append(PairSpec(pair_id, self._split(parent, options), hazy[0], clear[0], clear[0]))
+                pair_id, split = self._id(*parent, key), self._split(parent, options)
+                pairs.append(PairSpec(pair_id, split, hazy[0], clear[0], clear[0], naming=self._NAMING))
             elif not clear:
                 problems.extend(Problem(p, None, f"missing partner: no {key}_GT") for p in hazy)
             elif not hazy:
@@ -408,14 +474,22 @@ class UnpairedLayout(Layout):
         return _finish(pairs, [])
 
 
+_RESIDE = Naming("hazy/SCENE_K[_BETA] -> gt|clear/SCENE", _scene_key, _stem_key)
+_SAME_NAME = Naming(
+    "hazy/SCENE_K[_BETA] -> gt|clear/SCENE_K[_BETA] (same name)",
+    _rendering_key,
+    _stem_key,
+    scene_key=_scene_key,
+)
+
+
 def _rain_layout(name: str) -> FolderPairLayout:
     return FolderPairLayout(
         name,
         default_task="derain",
         input_dirs=("rain",),
         target_dirs=("norain",),
-        input_key=_rain_key,
-        target_key=_rain_key,
+        namings=[Naming("rain/[rain-|norain-]N[x2] -> norain/[norain-]N", _rain_key, _rain_key)],
         input_naming="[rain-|norain-]N[x2]",
     )
 
@@ -428,8 +502,7 @@ LAYOUTS: dict[str, Layout] = {
             default_task="dehaze",
             input_dirs=("hazy",),
             target_dirs=("clear",),
-            input_key=_scene_key,
-            target_key=_stem_key,
+            namings=[Naming("hazy/SCENE_K_BETA -> clear/SCENE", _scene_key, _stem_key)],
             input_naming="SCENE_K_BETA",
             split="train",
         ),
@@ -438,8 +511,8 @@ LAYOUTS: dict[str, Layout] = {
             default_task="dehaze",
             input_dirs=("hazy",),
             target_dirs=("gt", "clear"),
-            input_key=_scene_key,
-            target_key=_stem_key,
+            # SOTS as published, then as DehazeFormer's data/RESIDE-IN keeps it.
+            namings=[_RESIDE, _SAME_NAME],
             input_naming="SCENE_K[_BETA]",
             split="test",
         ),
@@ -454,8 +527,9 @@ LAYOUTS: dict[str, Layout] = {
             default_task="lowlight",
             input_dirs=("low",),
             target_dirs=("high", "normal"),
-            input_key=_lol_key,
-            target_key=_lol_key,
+            namings=[
+                Naming("low/NAME -> high/NAME (LOL-v2: Low/lowN -> Normal/normalN)", _lol_key, _lol_key)
+            ],
             input_naming="identical names in low/ and high/",
         ),
         GenericPairedLayout(),

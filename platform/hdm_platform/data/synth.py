@@ -322,24 +322,10 @@ def synthesize(
         val_fraction, test_fraction: fractions of pairs (by hash of the id) for val/test.
     """
     started = time.perf_counter()
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
-    if val_fraction < 0.0 or test_fraction < 0.0 or val_fraction + test_fraction >= 1.0:
-        raise ValueError(
-            f"val ({val_fraction}) and test ({test_fraction}) fractions must be >= 0 and sum below 1"
-        )
-    if size is not None and min(size) < 1:
-        raise ValueError(f"crop size must be positive, got {size}")
-    if clean_source == BUILTIN:
-        images = builtin_images()
-        listing: Sequence[Sequence[Any]] = [(BUILTIN, skimage.__version__, *BUILTIN_PHOTOS)]
-    else:
+    _check_arguments(task, count, size, val_fraction, test_fraction)
+    if clean_source != BUILTIN:
         clean_source = clean_source.rstrip("/")
-        fs, root = open_filesystem(clean_source, storage_options)
-        listing = [(e.path, e.size, e.modified) for e in list_files(fs, root) if is_image(e.path)]
-        images = load_clean_images(clean_source, storage_options)
+    images, listing = _clean_photos(clean_source, storage_options)
     arguments = {
         "task": task,
         "count": count,
@@ -356,30 +342,7 @@ def synthesize(
     if existing is not None:
         return SynthResult(existing, True, existing.rows, time.perf_counter() - started)
 
-    degrade = DEGRADATIONS[task]
-
-    def render(index: int) -> Row:
-        rng = np.random.default_rng([seed, index])
-        image = images[index % len(images)]
-        pixels, depth = _crop(image, size, rng)
-        clean = pixels.astype(np.float64) / 255.0
-        degraded = degrade(clean, rng, depth)
-        degraded_pixels = np.round(np.clip(degraded, 0.0, 1.0) * 255.0).astype(np.uint8)
-        pair_id = f"synth-{task}/{PurePosixPath(image.name).name}-{index:06d}"
-        return Row(
-            id=pair_id,
-            task=task,
-            split=_split_of(pair_id, seed, val_fraction, test_fraction),
-            input=_to_png(degraded_pixels),
-            target=_to_png(pixels),
-            input_format="PNG",
-            target_format="PNG",
-            width=pixels.shape[1],
-            height=pixels.shape[0],
-            source_input=f"synth:{task}:seed={seed}:pair={index}",
-            source_target=image.source,
-        )
-
+    render = _PairRenderer(images, task, seed, size, val_fraction, test_fraction)
     with (
         DatasetWriter(
             dest, storage_options=storage_options, shard_size=shard_size, workers=workers
@@ -400,3 +363,63 @@ def synthesize(
             fingerprint=digest,
         )
     return SynthResult(manifest, False, manifest.rows, time.perf_counter() - started)
+
+
+def _check_arguments(
+    task: str, count: int, size: tuple[int, int] | None, val_fraction: float, test_fraction: float
+) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if val_fraction < 0.0 or test_fraction < 0.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val ({val_fraction}) and test ({test_fraction}) fractions must be >= 0 and sum below 1"
+        )
+    if size is not None and min(size) < 1:
+        raise ValueError(f"crop size must be positive, got {size}")
+
+
+def _clean_photos(
+    clean_source: str, storage_options: Mapping[str, Any] | None
+) -> tuple[tuple[CleanImage, ...], Sequence[Sequence[Any]]]:
+    """The clean photos, and the listing that identifies them in the fingerprint."""
+    if clean_source == BUILTIN:
+        return builtin_images(), [(BUILTIN, skimage.__version__, *BUILTIN_PHOTOS)]
+    fs, root = open_filesystem(clean_source, storage_options)
+    listing = [(e.path, e.size, e.modified) for e in list_files(fs, root) if is_image(e.path)]
+    return load_clean_images(clean_source, storage_options), listing
+
+
+@dataclass(frozen=True)
+class _PairRenderer:
+    """Renders pair ``index`` from its own random stream; safe to call from several threads."""
+
+    images: Sequence[CleanImage]
+    task: str
+    seed: int
+    size: tuple[int, int] | None
+    val_fraction: float
+    test_fraction: float
+
+    def __call__(self, index: int) -> Row:
+        rng = np.random.default_rng([self.seed, index])
+        image = self.images[index % len(self.images)]
+        pixels, depth = _crop(image, self.size, rng)
+        clean = pixels.astype(np.float64) / 255.0
+        degraded = DEGRADATIONS[self.task](clean, rng, depth)
+        degraded_pixels = np.round(np.clip(degraded, 0.0, 1.0) * 255.0).astype(np.uint8)
+        pair_id = f"synth-{self.task}/{PurePosixPath(image.name).name}-{index:06d}"
+        return Row(
+            id=pair_id,
+            task=self.task,
+            split=_split_of(pair_id, self.seed, self.val_fraction, self.test_fraction),
+            input=_to_png(degraded_pixels),
+            target=_to_png(pixels),
+            input_format="PNG",
+            target_format="PNG",
+            width=pixels.shape[1],
+            height=pixels.shape[0],
+            source_input=f"synth:{self.task}:seed={self.seed}:pair={index}",
+            source_target=image.source,
+        )

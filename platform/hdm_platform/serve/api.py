@@ -161,7 +161,13 @@ async def _deadline(seconds: float) -> AsyncIterator[None]:
         raise APIError("timeout", f"the request took longer than {seconds:g} s") from None
 
 
-def _image_response(body: bytes, output_format: str, result: Enhanced, started: float) -> Response:
+async def _image_response(
+    responses: Sequence[DeploymentResponse], output_format: str, limits: Limits, started: float
+) -> Response:
+    """The enhanced image that ends a chain of deployment responses, encoded, with the
+    per-stage headers."""
+    result: Enhanced = await _result(responses, limits)
+    body = await asyncio.to_thread(encode_image, result.image, output_format)
     stages = result.stages
     headers = {
         "X-Model-Version": ",".join(stage.model_version for stage in stages),
@@ -170,6 +176,24 @@ def _image_response(body: bytes, output_format: str, result: Enhanced, started: 
         "X-Batch-Size": ",".join(str(stage.batch_size) for stage in stages),
     }
     return Response(body, media_type=OUTPUT_MEDIA_TYPES[output_format], headers=headers)
+
+
+class _ServedTasks:
+    """The tasks this server runs: their model deployments, and their label in metrics."""
+
+    def __init__(self, models: Mapping[str, DeploymentHandle]) -> None:
+        self.models = models
+
+    def handle(self, task: str) -> DeploymentHandle:
+        if task not in self.models:
+            raise APIError(
+                "unknown_task", f"no task {task!r}; this server runs {', '.join(sorted(self.models))}"
+            )
+        return self.models[task]
+
+    def label(self, *tasks: str) -> str:
+        # Metric tags stay a small set: a task the server lacks is counted as "unknown".
+        return "+".join(tasks) if all(task in self.models for task in tasks) else "unknown"
 
 
 def create_api(
@@ -197,22 +221,19 @@ def create_api(
             open_paths=OPEN_PATHS,
             on_reject=lambda: metrics.record("any", "", 401, 0.0, "unauthorized"),
         )
+    served = _ServedTasks(models)
+    _add_status_routes(app, served, limits, metrics)
+    _add_image_routes(app, served, limits, metrics)
+    return app
 
-    def handle_for(task: str) -> DeploymentHandle:
-        if task not in models:
-            raise APIError(
-                "unknown_task", f"no task {task!r}; this server runs {', '.join(sorted(models))}"
-            )
-        return models[task]
 
-    def task_label(*tasks: str) -> str:
-        # Metric tags stay a small set: a task the server lacks is counted as "unknown".
-        return "+".join(tasks) if all(task in models for task in tasks) else "unknown"
+def _add_status_routes(app: FastAPI, served: _ServedTasks, limits: Limits, metrics: IngressMetrics) -> None:
+    """``/healthz``, the web page and ``/v1/models``."""
 
     @app.get("/healthz", summary="Liveness of the ingress; needs no API key.")
     async def healthz() -> dict[str, Any]:
         with metrics.track("healthz"):
-            return {"status": "ok", "tasks": sorted(models)}
+            return {"status": "ok", "tasks": sorted(served.models)}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def web_page() -> HTMLResponse:
@@ -235,55 +256,52 @@ def create_api(
     async def list_models() -> list[ModelInfo]:
         with metrics.track("models"):
             async with _deadline(limits.request_timeout_s):
-                tasks = sorted(models)
+                handles = [served.models[task] for task in sorted(served.models)]
                 return list(
                     await asyncio.gather(
-                        *(_result([models[task].describe.remote()], limits) for task in tasks)
+                        *(_result([handle.describe.remote()], limits) for handle in handles)
                     )
                 )
+
+
+
+def _add_image_routes(app: FastAPI, served: _ServedTasks, limits: Limits, metrics: IngressMetrics) -> None:
+    """``/v1/enhance/{task}``, ``/v1/pipeline`` and ``/v1/explain/{task}``: an image in."""
+    enhanced_image = _image_success(list(OUTPUT_MEDIA_TYPES.values()))
 
     @app.post(
         "/v1/enhance/{task}",
         summary="Enhance one image with a task's model.",
         response_class=Response,
         openapi_extra=_IMAGE_REQUEST,
-        responses=_responses(
-            _image_success(list(OUTPUT_MEDIA_TYPES.values())), *_UPLOAD_ERRORS, *_SERVING_ERRORS
-        ),
+        responses=_responses(enhanced_image, *_UPLOAD_ERRORS, *_SERVING_ERRORS),
     )
     async def enhance(task: str, request: Request, format: OutputFormat = "png") -> Response:
-        with metrics.track("enhance", task_label(task)):
+        with metrics.track("enhance", served.label(task)):
             started = time.perf_counter()
-            handle = handle_for(task)
+            handle = served.handle(task)
             async with _deadline(limits.request_timeout_s):
                 image = await read_image_upload(request, limits)
-                result: Enhanced = await _result([handle.enhance.remote(image)], limits)
-                body = await asyncio.to_thread(encode_image, result.image, format)
-            return _image_response(body, format, result, started)
+                return await _image_response([handle.enhance.remote(image)], format, limits, started)
 
     @app.post(
         "/v1/pipeline",
         summary="Run several tasks in order on one image (e.g. derain, then dehaze).",
         response_class=Response,
         openapi_extra=_IMAGE_REQUEST,
-        responses=_responses(
-            _image_success(list(OUTPUT_MEDIA_TYPES.values())),
-            "invalid_request",
-            *_UPLOAD_ERRORS,
-            *_SERVING_ERRORS,
-        ),
+        responses=_responses(enhanced_image, "invalid_request", *_UPLOAD_ERRORS, *_SERVING_ERRORS),
     )
     async def pipeline(
         request: Request, tasks: PipelineTasks, format: OutputFormat = "png"
     ) -> Response:
         order = [task.strip() for task in tasks.split(",")]
-        with metrics.track("pipeline", task_label(*order)):
+        with metrics.track("pipeline", served.label(*order)):
             started = time.perf_counter()
             if "" in order or len(set(order)) != len(order):
                 raise APIError(
                     "invalid_request", f"tasks={tasks!r}: name each task once, comma-separated"
                 )
-            handles = [handle_for(task) for task in order]
+            handles = [served.handle(task) for task in order]
             async with _deadline(limits.request_timeout_s):
                 image = await read_image_upload(request, limits)
                 # Each response is the next deployment's argument: Serve hands the result
@@ -293,9 +311,7 @@ def create_api(
                 for handle in handles:
                     upstream = handle.enhance.remote(upstream)
                     responses.append(upstream)
-                result: Enhanced = await _result(responses, limits)
-                body = await asyncio.to_thread(encode_image, result.image, format)
-            return _image_response(body, format, result, started)
+                return await _image_response(responses, format, limits, started)
 
     @app.post(
         "/v1/explain/{task}",
@@ -310,8 +326,8 @@ def create_api(
         ),
     )
     async def explain(task: str, request: Request) -> Response:
-        with metrics.track("explain", task_label(task)):
-            handle = handle_for(task)
+        with metrics.track("explain", served.label(task)):
+            handle = served.handle(task)
             async with _deadline(limits.request_timeout_s):
                 image = await read_image_upload(request, limits)
                 try:
@@ -325,4 +341,3 @@ def create_api(
                 body = await asyncio.to_thread(encode_image, pixels, "png")
             return Response(body, media_type="image/png")
 
-    return app

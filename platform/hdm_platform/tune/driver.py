@@ -203,63 +203,19 @@ def run_sweep(
         table = PAPER_TABLES[space.paper_table]
         check_paper_table(table, space.candidate_configs(base, table.key))
     name = sweep_name or f"{experiment.name}-{space.name}"
-    storage_uri = experiment.run.resolved_storage_path().rstrip("/")
-    storage_path, storage_filesystem = ray_storage(storage_uri, experiment.storage.storage_options())
-    experiment_path = f"{storage_path}/{name}"
-    restorable = tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_filesystem)
-    if restorable and not resume:
-        raise ConfigError(
-            f"sweep {name} already exists at {storage_uri}/{name}: pass --resume to continue it, "
-            f"or --name to start another"
-        )
-    if resume and not restorable:
-        raise ConfigError(f"no sweep {name} to resume at {storage_uri}/{name}")
+    location = _locate_sweep(experiment, name, resume=resume)
 
     if not ray.is_initialized():
         ray.init(**local_sweep_resources(experiment))
-    parent = open_sweep_run(
-        experiment, space, sweep_name=name, experiment_path=f"{storage_uri}/{name}", resume=resume
-    )
+    parent = open_sweep_run(experiment, space, sweep_name=name, experiment_path=location.uri, resume=resume)
     plan = SweepPlan(
         base=base,
         sweep_name=name,
-        trial_runs_path=f"{storage_uri}/{name}/trial-runs",
+        trial_runs_path=f"{location.uri}/trial-runs",
         tracking_uri=experiment.mlflow.resolved_tracking_uri(),
         parent_run_id=parent.run_id,
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPUS}
-    )
-    if resume:
-        # Finished trials stay finished; unfinished and failed ones run again.
-        tuner = tune.Tuner.restore(
-            experiment_path,
-            trainable=trainable,
-            resume_errored=True,
-            storage_filesystem=storage_filesystem,
-        )
-    else:
-        concurrency = max_concurrent_trials(experiment, ray.cluster_resources(), space.max_concurrent_trials)
-        parent.set_tags({"hdm.max_concurrent_trials": str(concurrency)})
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.param_space(),
-            tune_config=tune.TuneConfig(
-                metric=CHECKPOINT_SCORE,
-                mode="max",
-                # The searcher holds the concurrency limit (Tune's max_concurrent_trials only
-                # applies to searchers it wraps itself).
-                search_alg=space.search_algorithm(max_concurrent=concurrency),
-                scheduler=_scheduler(space, experiment),
-                num_samples=space.num_samples,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage_path,
-                storage_filesystem=storage_filesystem,
-                failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
-            ),
-        )
+    tuner = _tuner(plan, space, experiment, location, parent, resume=resume)
     try:
         results = tuner.fit()
     except BaseException:
@@ -267,14 +223,83 @@ def run_sweep(
         raise
     return _finish(
         results,
-        base=base,
         space=space,
         experiment=experiment,
         plan=plan,
         parent=parent,
-        experiment_path=f"{storage_uri}/{name}",
+        location=location,
         out_dir=Path(out_dir) if out_dir is not None else local_home() / "sweeps" / name,
-        storage_filesystem=storage_filesystem,
+    )
+
+
+@dataclass(frozen=True)
+class _SweepLocation:
+    """Where a sweep's Tune experiment lives: ``uri`` as the experiment names it, ``path``
+    under ``storage_path`` on ``filesystem`` as Ray opens it."""
+
+    uri: str
+    storage_path: str
+    path: str
+    filesystem: Any
+
+
+def _locate_sweep(experiment: ExperimentConfig, name: str, *, resume: bool) -> _SweepLocation:
+    """The sweep's folder under ``run.storage_path``; a new sweep must not exist there yet,
+    a resumed one must."""
+    storage_uri = experiment.run.resolved_storage_path().rstrip("/")
+    storage_path, filesystem = ray_storage(storage_uri, experiment.storage.storage_options())
+    location = _SweepLocation(f"{storage_uri}/{name}", storage_path, f"{storage_path}/{name}", filesystem)
+    restorable = tune.Tuner.can_restore(location.path, storage_filesystem=filesystem)
+    if restorable and not resume:
+        raise ConfigError(
+            f"sweep {name} already exists at {location.uri}: pass --resume to continue it, "
+            f"or --name to start another"
+        )
+    if resume and not restorable:
+        raise ConfigError(f"no sweep {name} to resume at {location.uri}")
+    return location
+
+
+def _tuner(
+    plan: SweepPlan,
+    space: SearchSpace,
+    experiment: ExperimentConfig,
+    location: _SweepLocation,
+    parent: TrackedRun,
+    *,
+    resume: bool,
+) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPUS}
+    )
+    if resume:
+        # Finished trials stay finished; unfinished and failed ones run again.
+        return tune.Tuner.restore(
+            location.path,
+            trainable=trainable,
+            resume_errored=True,
+            storage_filesystem=location.filesystem,
+        )
+    concurrency = max_concurrent_trials(experiment, ray.cluster_resources(), space.max_concurrent_trials)
+    parent.set_tags({"hdm.max_concurrent_trials": str(concurrency)})
+    return tune.Tuner(
+        trainable,
+        param_space=space.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=CHECKPOINT_SCORE,
+            mode="max",
+            # The searcher holds the concurrency limit (Tune's max_concurrent_trials only
+            # applies to searchers it wraps itself).
+            search_alg=space.search_algorithm(max_concurrent=concurrency),
+            scheduler=_scheduler(space, experiment),
+            num_samples=space.num_samples,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.sweep_name,
+            storage_path=location.storage_path,
+            storage_filesystem=location.filesystem,
+            failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
+        ),
     )
 
 
@@ -293,14 +318,12 @@ def _scheduler(space: SearchSpace, experiment: ExperimentConfig) -> ASHASchedule
 def _finish(
     results: tune.ResultGrid,
     *,
-    base: dict[str, Any],
     space: SearchSpace,
     experiment: ExperimentConfig,
     plan: SweepPlan,
     parent: TrackedRun,
-    experiment_path: str,
+    location: _SweepLocation,
     out_dir: Path,
-    storage_filesystem: Any,
 ) -> SweepOutcome:
     """Tables, plot, best config, child run statuses, challenger, parent artifacts."""
     keys = list(space.params)
@@ -311,29 +334,13 @@ def _finish(
         return min(planned, max_t) if max_t is not None else planned
 
     rows = collect_rows(results, keys, horizon)
-    files = {
-        "results": write_csv(rows, keys, out_dir / "results.csv"),
-        "plot": plot_val_psnr(rows, keys, out_dir / "val_psnr.png", title=f"sweep {plan.sweep_name}"),
-    }
-    table = format_table(rows, keys)
-    (out_dir / "results.txt").write_text(table + "\n", encoding="utf-8")
-    files["table"] = out_dir / "results.txt"
-    paper_table = None
-    if space.paper_table is not None:
-        configs = {row.trial_id: plan.trial_config(row.trial_id, row.params) for row in rows}
-        paper_table = render_paper_table(
-            PAPER_TABLES[space.paper_table], rows, configs,
-            data_label=f"{experiment.data.uri}, split {experiment.data.val_split}",
-        )  # fmt: skip
-        files["paper_table"] = out_dir / f"{space.paper_table}.txt"
-        files["paper_table"].write_text(paper_table + "\n", encoding="utf-8")
-
+    table, paper_table, files = _write_tables(rows, keys, space, experiment, plan, out_dir)
     children = close_trial_runs(parent, rows)
     best = best_row(rows)
     best_config = registered_model = registered_version = None
     if best is not None:
         best_config = write_best_config(
-            base,
+            plan.base,
             best,
             out_dir / "best-config.yaml",
             name=f"{plan.sweep_name}-best",
@@ -345,25 +352,16 @@ def _finish(
         )
         files["best_config"] = out_dir / "best-config.yaml"
         if best.trial_id in children and best.best_metrics.get(CHECKPOINT_PATH_KEY):
-            trial_config = plan.trial_config(best.trial_id, best.params)
-            checkpoint = ray.train.Checkpoint(
-                path=best.best_metrics[CHECKPOINT_PATH_KEY], filesystem=storage_filesystem
+            registered_model, registered_version = _register_challenger(
+                best, TrackedRun(parent.client, children[best.trial_id]), plan, location.filesystem
             )
-            exported = export_model(
-                trial_config,
-                TrackedRun(parent.client, children[best.trial_id]),
-                checkpoint,
-                best.best_metrics,
-                alias=CHALLENGER_ALIAS,
-            )
-            registered_model, registered_version = exported.registered_model, exported.registered_version
         parent.log_metrics({"best_val_psnr": best.best_psnr, "best_val_ssim": best.best_ssim or 0.0}, step=0)
         parent.set_tags({"hdm.best_trial": best.trial_id, "hdm.challenger_version": str(registered_version)})
     log_sweep_files(parent, files)
     parent.finish()
     return SweepOutcome(
         sweep_name=plan.sweep_name,
-        experiment_path=experiment_path,
+        experiment_path=location.uri,
         parent_run_id=parent.run_id,
         rows=rows,
         table=table,
@@ -374,6 +372,51 @@ def _finish(
         registered_model=registered_model,
         registered_version=registered_version,
     )
+
+
+def _write_tables(
+    rows: list[TrialRow],
+    keys: list[str],
+    space: SearchSpace,
+    experiment: ExperimentConfig,
+    plan: SweepPlan,
+    out_dir: Path,
+) -> tuple[str, str | None, dict[str, Path]]:
+    """The results CSV, plot and table, and the paper's table where the space reproduces
+    one; returns the table, the paper table and the files by name."""
+    files = {
+        "results": write_csv(rows, keys, out_dir / "results.csv"),
+        "plot": plot_val_psnr(rows, keys, out_dir / "val_psnr.png", title=f"sweep {plan.sweep_name}"),
+        "table": out_dir / "results.txt",
+    }
+    table = format_table(rows, keys)
+    files["table"].write_text(table + "\n", encoding="utf-8")
+    if space.paper_table is None:
+        return table, None, files
+    configs = {row.trial_id: plan.trial_config(row.trial_id, row.params) for row in rows}
+    paper_table = render_paper_table(
+        PAPER_TABLES[space.paper_table], rows, configs,
+        data_label=f"{experiment.data.uri}, split {experiment.data.val_split}",
+    )  # fmt: skip
+    files["paper_table"] = out_dir / f"{space.paper_table}.txt"
+    files["paper_table"].write_text(paper_table + "\n", encoding="utf-8")
+    return table, paper_table, files
+
+
+def _register_challenger(
+    best: TrialRow, run: TrackedRun, plan: SweepPlan, filesystem: Any
+) -> tuple[str | None, str | None]:
+    """Exports the best trial's best checkpoint into its own MLflow run and registers it
+    with the challenger alias; returns the registered model and version."""
+    checkpoint = ray.train.Checkpoint(path=best.best_metrics[CHECKPOINT_PATH_KEY], filesystem=filesystem)
+    exported = export_model(
+        plan.trial_config(best.trial_id, best.params),
+        run,
+        checkpoint,
+        best.best_metrics,
+        alias=CHALLENGER_ALIAS,
+    )
+    return exported.registered_model, exported.registered_version
 
 
 def _absolute_local_paths(base: dict[str, Any]) -> dict[str, Any]:
