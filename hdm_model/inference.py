@@ -131,6 +131,8 @@ class FoldedHead(nn.Sequential):
     def blocked_conv(self) -> tuple[Tensor, Tensor]:
         """The folded conv on ``_space_to_depth(x, 4)``, producing ``pixel_unshuffle(y, 4)``
         (cached until a weight changes)."""
+        # Tensor._version counts in-place writes; torch has no public counter for them. The
+        # only use in the project; test_folded_head_follows_weight_changes fails if it stops.
         key = tuple((parameter.data_ptr(), parameter._version) for parameter in self.parameters())
         if self._cached_key != key:
             weight, bias = self.folded_conv()

@@ -109,7 +109,8 @@ def register_tiny_model(tracking_uri: str, name: str, *, seed: int, alias: str) 
         run_name=f"{name}-seed{seed}",
         storage_path="/runs",
     )
-    source = run.log_model(network, metadata={"task": "dehaze"})
+    with tempfile.TemporaryDirectory(prefix="hdm-model-") as staging:
+        source = run.log_model_folder(save_checkpoint(network, staging, metadata={"task": "dehaze"}))
     version = register_model(
         registry_client(tracking_uri), name=name, source=source, run_id=run.run_id, alias=alias
     )

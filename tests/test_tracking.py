@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hdm_model import build_hdm, variant_config
+from hdm_model import build_hdm, save_checkpoint, variant_config
 from hdm_platform.cli.model import model as models_command
 from hdm_platform.tracking import (
     MODEL_FILES,
@@ -64,7 +64,9 @@ def test_registered_model_reloads_without_extra_files_and_aliases_move(mlflow_se
             run_name=f"run-{seed}",
             storage_path="/runs",
         )
-        source = run.log_model(model, metadata={"task": "dehaze"}, metrics={"val/psnr": 20.0 + seed})
+        source = run.log_model_folder(
+            save_checkpoint(model, tmp_path / f"model-{seed}", metadata={"task": "dehaze"}), metrics={"val/psnr": 20.0 + seed}
+        )
         version = register_model(
             client, name="hdm-dehaze", source=source, run_id=run.run_id, alias="challenger"
         )

@@ -38,6 +38,7 @@ __all__ = [
     "local_home",
     "parse_overrides",
     "resolve_tracking_uri",
+    "validation_message",
 ]
 
 class ConfigError(ValueError):
@@ -243,11 +244,18 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[tuple[str, A
     return raw
 
 
-def _describe(error: ValidationError) -> str:
-    lines = []
+def _dotted(location: tuple[Any, ...]) -> str:
+    return "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in location
+    ).lstrip(".")
+
+
+def validation_message(error: ValidationError, *, source: str, field: str = "") -> str:
+    """``invalid SOURCE:`` then one line per problem, naming its field (under ``field``)."""
+    lines = [f"invalid {source}:"]
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "<root>"
-        lines.append(f"  {location}: {item['msg']}")
+        location = ".".join(filter(None, [field, _dotted(item["loc"])]))
+        lines.append(f"  {location or '<root>'}: {item['msg']}")
     return "\n".join(lines)
 
 
@@ -256,7 +264,7 @@ def validate_config(raw: dict[str, Any], *, source: str = "config") -> Experimen
         config = ExperimentConfig.model_validate(raw)
         config.model.to_hdm_config()
     except ValidationError as error:
-        raise ConfigError(f"invalid experiment config {source}:\n{_describe(error)}") from None
+        raise ConfigError(validation_message(error, source=f"experiment config {source}")) from None
     except ValueError as error:
         raise ConfigError(f"invalid experiment config {source}: model: {error}") from None
     return config

@@ -90,10 +90,6 @@ class Services:
     def mlflow_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.mlflow}"
 
-    @property
-    def serve_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.serve}"
-
 
 def environment(services: Services) -> dict[str, str]:
     """The variables that point ``hdm``, Ray clients and MLflow clients at ``services``."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from ray.data import DataContext
 
-from hdm_platform.data.shard_source import PATH_COLUMN
+from hdm_platform.data.shard_source import PATH_COLUMN, completed_passes
 from hdm_platform.imageio import ImageError, decode_rgb8
 
 __all__ = ["CorruptPairError", "PairTransform"]
@@ -64,9 +64,8 @@ class PairTransform:
     seed: int | None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Ray Data's execution index of this dataset, the number of completed passes: the
-        # task's DataContext carries it, as for Ray's own seeded ``expressions.random``.
-        epoch = DataContext.get_current()._execution_idx
+        # The task's DataContext carries the number of completed passes (the epoch).
+        epoch = completed_passes(DataContext.get_current())
         pairs = [
             self._pair(row_id, input_bytes, target_bytes, shard, epoch)
             for row_id, input_bytes, target_bytes, shard in zip(

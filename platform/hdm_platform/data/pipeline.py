@@ -56,7 +56,6 @@ __all__ = [
     "PairTransform",
     "build_dataset",
     "iter_pairs",
-    "split_rows",
 ]
 
 # Pairs per map_batches call. Each call is a Ray task with its own fixed cost, so crops
@@ -74,11 +73,6 @@ def _load_manifest(manifest_uri: str, split: str, storage_options: dict | None) 
     if split not in manifest.splits:
         raise ValueError(f"dataset {manifest_uri} has no split {split!r}; it has {sorted(manifest.splits)}")
     return manifest
-
-
-def split_rows(manifest_uri: str, split: str, storage_options: dict | None = None) -> int:
-    """Number of pairs in ``split``, read from the manifest (for epoch lengths and schedules)."""
-    return _load_manifest(manifest_uri, split, storage_options).splits[split].rows
 
 
 def build_dataset(

@@ -37,7 +37,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.context import DataContext
 
-__all__ = ["PATH_COLUMN", "ReadUnit", "ShardDatasource", "arrow_filesystem"]
+__all__ = ["PATH_COLUMN", "ReadUnit", "ShardDatasource", "arrow_filesystem", "completed_passes"]
 
 # Added to every row: the URI of the shard it came from, for error messages.
 PATH_COLUMN = "path"
@@ -47,6 +47,23 @@ _FOOTER_READERS = 16
 _ENV_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 _ENV_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
 _ENV_SESSION_TOKEN = "AWS_SESSION_TOKEN"
+
+
+def completed_passes(context: DataContext) -> int:
+    """How many times this dataset has been executed before: the epoch of a training pass.
+
+    Ray Data has no public API for it; its own file datasources and the seeded
+    ``expressions.random`` read the private ``DataContext._execution_idx``. This is the one
+    place the platform reads it (the read order and the augmentation seeds), and
+    tests/test_pipeline.py fails loudly if Ray renames it.
+    """
+    try:
+        return int(context._execution_idx)
+    except AttributeError:
+        raise RuntimeError(
+            "this Ray Data has no DataContext._execution_idx: hdm_platform.data.shard_source."
+            "completed_passes needs updating for it"
+        ) from None
 
 
 def arrow_filesystem(filesystem: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
@@ -167,9 +184,7 @@ class ShardDatasource(Datasource):
         # Planned at the start of every pass; ``parallelism`` is ignored, the units are the tasks.
         units = self._units
         if self._shuffle:
-            # Ray Data's execution index of this dataset (completed passes), as Ray's own
-            # file datasources use it to reseed their file shuffle every epoch.
-            epoch = data_context._execution_idx if data_context is not None else 0
+            epoch = completed_passes(data_context) if data_context is not None else 0
             generator = np.random.default_rng(None if self._seed is None else [self._seed, epoch])
             units = [units[index] for index in generator.permutation(len(units))]
         return [

@@ -44,7 +44,8 @@ class Ingress:
         self._metrics = IngressMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        # Serve calls this after __init__: the routes close over this replica's handles.
+        # serve.ingress() without an app (documented in its docstring) calls this after
+        # __init__, so the routes close over this replica's handles, limits and keys.
         return create_api(self._models, self._limits, self._api_keys, self._metrics)
 
 

@@ -19,7 +19,8 @@ import yaml
 from pydantic import ValidationError
 
 from hdm_platform.config import ConfigError, apply_overrides, parse_overrides
-from hdm_platform.serve.settings import ModelSettings, ServeAppArgs, validation_message
+from hdm_platform.config import validation_message
+from hdm_platform.serve.settings import ModelSettings, ServeAppArgs
 
 __all__ = [
     "APP_IMPORT_PATHS",

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hdm_model.config import FEATURE_STRIDE
-from hdm_platform.config import ConfigError
+from hdm_platform.config import ConfigError, validation_message
 from hdm_platform.vocabulary import TASKS, Task, registered_model_name
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "Limits",
     "ModelSettings",
     "ServeAppArgs",
-    "validation_message",
 ]
 
 #: The application name every config in ``serve_configs/`` uses; ``hdm serve`` defaults to it.
@@ -133,18 +132,3 @@ class ServeAppArgs(_Settings):
             return cls.model_validate(raw)
         except ValidationError as error:
             raise ConfigError(validation_message(error, source=source, field=field)) from None
-
-
-def _dotted(location: tuple[Any, ...]) -> str:
-    return "".join(
-        f"[{part}]" if isinstance(part, int) else f".{part}" for part in location
-    ).lstrip(".")
-
-
-def validation_message(error: ValidationError, *, source: str, field: str = "") -> str:
-    """``invalid SOURCE:`` then one line per problem, naming its field (under ``field``)."""
-    lines = [f"invalid {source}:"]
-    for item in error.errors():
-        location = ".".join(filter(None, [field, _dotted(item["loc"])]))
-        lines.append(f"  {location or '<root>'}: {item['msg']}")
-    return "\n".join(lines)

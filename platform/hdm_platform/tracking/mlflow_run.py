@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from PIL import Image
 from torch import Tensor
@@ -35,6 +35,7 @@ __all__ = [
     "MODEL_ARTIFACT_PATH",
     "RAY_RUN_NAME_TAG",
     "RAY_STORAGE_PATH_TAG",
+    "find_latest_run",
     "TrackedRun",
     "git_commit",
     "image_grid",
@@ -84,6 +85,24 @@ def image_grid(inputs: Tensor, outputs: Tensor, targets: Tensor | None = None) -
     return Image.fromarray(array)
 
 
+def find_latest_run(client: MlflowClient, experiment: str, tags: Mapping[str, str]) -> Run | None:
+    """The newest run of ``experiment`` carrying every one of ``tags``, or ``None``.
+
+    How a restarted training run or sweep finds the MLflow run it started, by the tags
+    naming its Ray run (name and storage path) or its sweep.
+    """
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=" AND ".join(f"tags.`{key}` = {json.dumps(value)}" for key, value in tags.items()),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 class TrackedRun:
     """Rank 0's handle on the MLflow run of one training run.
 
@@ -116,9 +135,12 @@ class TrackedRun:
         appended, so the curves of a restarted run are continuous.
         """
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        existing = run_id or cls._find_run_id(
-            client, experiment=experiment, run_name=run_name, storage_path=storage_path
-        )
+        if run_id is None:
+            found = find_latest_run(
+                client, experiment, {RAY_RUN_NAME_TAG: run_name, RAY_STORAGE_PATH_TAG: storage_path}
+            )
+            run_id = found.info.run_id if found is not None else None
+        existing = run_id
         if existing is not None:
             client.update_run(existing, status=RunStatus.to_string(RunStatus.RUNNING))
             if tags:
@@ -145,24 +167,6 @@ class TrackedRun:
         experiment_id = _experiment_id(client, experiment, local_artifact_location(tracking_uri))
         run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
         return cls(client, run.info.run_id)
-
-    @staticmethod
-    def _find_run_id(
-        client: MlflowClient, *, experiment: str, run_name: str, storage_path: str
-    ) -> str | None:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            return None
-        runs = client.search_runs(
-            [found.experiment_id],
-            filter_string=(
-                f"tags.`{RAY_RUN_NAME_TAG}` = {json.dumps(run_name)} "
-                f"AND tags.`{RAY_STORAGE_PATH_TAG}` = {json.dumps(storage_path)}"
-            ),
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        return runs[0].info.run_id if runs else None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log the resolved config; on resume, keep the first values and tag any change.
@@ -195,20 +199,6 @@ class TrackedRun:
     def log_image_grid(self, grid: Image.Image, *, name: str) -> None:
         """Store ``grid`` as ``images/<name>.png`` in the run's artifacts."""
         self.client.log_image(self.run_id, grid, artifact_file=f"images/{name}.png")
-
-    def log_model(
-        self,
-        model: torch.nn.Module,
-        *,
-        metadata: Mapping[str, Any] | None = None,
-        metrics: Mapping[str, float] | None = None,
-    ) -> str:
-        """Export ``model`` (weights, config, metrics) under ``model/``; returns its URI."""
-        from hdm_model import save_checkpoint
-
-        with tempfile.TemporaryDirectory(prefix="hdm-model-") as staging:
-            folder = save_checkpoint(model, Path(staging), metadata=dict(metadata or {}))
-            return self.log_model_folder(folder, metrics=metrics)
 
     def log_model_folder(
         self, folder: str | Path, *, metrics: Mapping[str, float] | None = None

@@ -35,7 +35,7 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from hdm_platform.config import ConfigError, ExperimentConfig, apply_overrides, validate_config
+from hdm_platform.config import validation_message, ConfigError, ExperimentConfig, apply_overrides, validate_config
 from hdm_platform.train.driver import preflight
 from hdm_platform.tune.ablations import PAPER_TABLES
 
@@ -244,11 +244,8 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
         asha = AshaSettings.model_validate(parsed.asha) if parsed.asha is not False else None
     except ValidationError as error:
         # Both models' errors name the key; AshaSettings' lack their "asha." prefix.
-        prefix = "asha." if error.title == AshaSettings.__name__ else ""
-        problems = "\n".join(
-            f"  {prefix}{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
-        )
-        raise ConfigError(f"invalid search space {source}:\n{problems}") from None
+        field = "asha" if error.title == AshaSettings.__name__ else ""
+        raise ConfigError(validation_message(error, source=f"search space {source}", field=field)) from None
     params = {key: _parse_param(source, key, spec) for key, spec in parsed.params.items()}
     if parsed.searcher == "grid":
         ranges = [key for key, param in params.items() if not isinstance(param, Choice)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import RunStatus
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from hdm_platform.config import ConfigError, ExperimentConfig
@@ -23,6 +23,7 @@ from hdm_platform.tracking.mlflow_run import (
     RAY_RUN_NAME_TAG,
     RAY_STORAGE_PATH_TAG,
     TrackedRun,
+    find_latest_run,
     source_tags,
 )
 from hdm_platform.tune.report import TrialRow
@@ -75,11 +76,10 @@ def open_sweep_run(
     tags = {**source_tags(), "hdm.task": experiment.task, SWEEP_TAG: sweep_name}
     params = sweep_params(experiment, space)
     if resume:
-        existing = _find_sweep_run(
+        existing = find_latest_run(
             MlflowClient(tracking_uri=tracking_uri),
-            experiment=experiment.mlflow.experiment,
-            sweep_name=sweep_name,
-            experiment_path=experiment_path,
+            experiment.mlflow.experiment,
+            {SWEEP_TAG: sweep_name, RAY_STORAGE_PATH_TAG: experiment_path},
         )
         if existing is not None:
             logged = existing.data.params
@@ -160,22 +160,6 @@ def log_sweep_files(parent: TrackedRun, files: Mapping[str, Path]) -> None:
     """Upload the sweep's outputs (table, plot, best config) under ``sweep/`` of the parent."""
     for path in files.values():
         parent.client.log_artifact(parent.run_id, str(path), artifact_path="sweep")
-
-
-def _find_sweep_run(client: MlflowClient, *, experiment: str, sweep_name: str, experiment_path: str) -> Run | None:
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=(
-            f"tags.`{SWEEP_TAG}` = {json.dumps(sweep_name)} "
-            f"AND tags.`{RAY_STORAGE_PATH_TAG}` = {json.dumps(experiment_path)}"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
 
 
 def _param_text(value: Any) -> str:
