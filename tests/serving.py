@@ -55,7 +55,8 @@ from hdm_platform.serve.control import (
     serve_details,
     wait_until_running,
 )
-from hdm_platform.tracking import TrackedRun, register_model, registry_client
+from hdm_platform.tracking.mlflow_run import TrackedRun
+from hdm_platform.tracking.registry import register_model, registry_client
 from PIL import Image
 
 from hdm_model import build_hdm, save_checkpoint, variant_config

@@ -8,11 +8,10 @@ from click.testing import CliRunner
 
 from hdm_model import build_hdm, save_checkpoint, variant_config
 from hdm_platform.cli.model import model as models_command
-from hdm_platform.tracking import (
+from hdm_platform.tracking.mlflow_run import TrackedRun, image_grid
+from hdm_platform.tracking.registry import (
     MODEL_FILES,
-    TrackedRun,
     download_model_files,
-    image_grid,
     list_versions,
     load_registered,
     register_model,

@@ -26,7 +26,7 @@ from hdm_model import load_checkpoint
 from hdm_platform.cli.train import train as train_command
 from hdm_platform.config import ConfigError, validate_config
 from hdm_platform.data.synth import synthesize
-from hdm_platform.tracking import load_registered
+from hdm_platform.tracking.registry import load_registered
 from hdm_platform.train.driver import fit, preflight
 from hdm_platform.train.loop import FaultInjection
 

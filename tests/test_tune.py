@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from hdm_platform.cli.tune import tune as tune_command
 from hdm_platform.config import load_config
 from hdm_platform.data.synth import synthesize
-from hdm_platform.tracking import load_registered
+from hdm_platform.tracking.registry import load_registered
 
 REGISTERED = "hdm-tune-test"
 GOOD_LR, TINY_LR = 3e-3, 1e-6

@@ -85,6 +85,29 @@ def _storage_options(
     return options
 
 
+def writer_options(*, workers: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of every command that writes a dataset (shard size, parallelism, name)."""
+    decorators = [
+        click.option(
+            "--shard-size",
+            type=ByteSize(),
+            default="256MiB",  # shard_writer.DEFAULT_SHARD_SIZE (tests/test_cli.py checks the two agree)
+            show_default=True,
+            help="Encoded image bytes per Parquet shard, e.g. 64MiB.",
+        ),
+        click.option("--workers", type=click.IntRange(min=1), default=workers, show_default=True),
+        click.option("--name", help="Dataset name (default: last part of DEST_URI)."),
+        click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
+
+
 def storage_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Adds the options that reach object stores (S3 endpoint, region, anything fsspec takes)
     and hands the command one ``storage_options`` dict built from them."""
@@ -164,16 +187,7 @@ def data() -> None:
     show_default=True,
     help="Stop at bad pairs, or skip them and list them in the manifest.",
 )
-@click.option(
-    "--shard-size",
-    type=ByteSize(),
-    default="256MiB",  # shard_writer.DEFAULT_SHARD_SIZE (tests/test_cli.py checks the two agree)
-    show_default="256MiB",
-    help="Encoded image bytes per Parquet shard, e.g. 64MiB.",
-)
-@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--name", help="Dataset name (default: last part of DEST_URI).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@writer_options(workers=8)
 @storage_options
 def ingest_command(
     source: str,
@@ -240,16 +254,7 @@ def ingest_command(
 @click.option(
     "--test-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True
 )
-@click.option(
-    "--shard-size",
-    type=ByteSize(),
-    default="256MiB",  # shard_writer.DEFAULT_SHARD_SIZE (tests/test_cli.py checks the two agree)
-    show_default="256MiB",
-    help="Encoded image bytes per Parquet shard, e.g. 64MiB.",
-)
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--name", help="Dataset name (default: last part of DEST_URI).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@writer_options(workers=4)
 @storage_options
 def synth_command(
     clean_source: str,
