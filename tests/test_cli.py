@@ -1,0 +1,55 @@
+"""The ``hdm`` command line as a whole: light imports, one-line failures, completion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from hdm_platform.cli import main
+from hdm_platform.cli.data import ByteSize
+from hdm_platform.data.shard_writer import DEFAULT_SHARD_SIZE
+
+_HEAVY = ("torch", "ray", "mlflow", "pyarrow", "torchvision", "fastapi")
+
+
+def test_importing_the_command_line_imports_no_heavy_library():
+    # What makes `hdm --help` answer at once: every command imports its libraries when it runs.
+    code = "import sys, json, hdm_platform.cli; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout))
+    assert not loaded & set(_HEAVY), sorted(loaded & set(_HEAVY))
+
+
+def test_every_command_group_answers_help():
+    runner = CliRunner()
+    for command in ([], ["data"], ["model"], ["serve"], ["local"], ["train"], ["tune"], ["enhance"], ["submit"]):
+        result = runner.invoke(main, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage: " in result.output
+
+
+def test_an_unexpected_failure_is_one_line_naming_the_uri_and_v_shows_the_traceback(tmp_path):
+    # An S3 endpoint nobody listens on: botocore's error, not a traceback.
+    environment = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_MAX_ATTEMPTS": "1"}
+    arguments = ["data", "inspect", "s3://no-bucket/data", "--endpoint-url", "http://127.0.0.1:9"]
+    quiet = subprocess.run([sys.executable, "-m", "hdm_platform.cli", *arguments], capture_output=True, text=True, env=environment, timeout=120)
+    assert quiet.returncode == 1
+    lines = quiet.stderr.strip().splitlines()
+    assert len(lines) == 1 and "s3://no-bucket/data" in lines[0] and "-v shows the traceback" in lines[0], quiet.stderr
+    verbose = subprocess.run([sys.executable, "-m", "hdm_platform.cli", "-v", *arguments], capture_output=True, text=True, env=environment, timeout=120)
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+
+
+def test_bash_completion_script_is_generated():
+    completion = subprocess.run(
+        [sys.executable, "-m", "hdm_platform.cli"], capture_output=True, text=True,
+        env={**os.environ, "_HDM_COMPLETE": "bash_source"}, timeout=60,
+    )  # fmt: skip
+    assert completion.returncode == 0 and "_hdm_completion" in completion.stdout
+
+
+def test_the_shard_size_flag_default_is_the_writers_default():
+    assert ByteSize().convert("256MiB", None, None) == DEFAULT_SHARD_SIZE
