@@ -164,8 +164,9 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def _stop_head(pgid: int, temp_dir: str) -> None:
-    """Stop only this head: its process group, then any worker naming its temp dir."""
+def stop_head(pgid: int, temp_dir: str) -> None:
+    """Stop only this head: its process group, then any worker naming its temp dir (workers
+    leave the group; their command lines name the head's temp dir)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pgid, sig)
@@ -235,7 +236,7 @@ def start_ray_head(root: Path, *, num_cpus: int = 4, attempts: int = 3) -> Itera
         pgid, failure = _ray_start(env, ports, num_cpus, temp_dir)
         if not failure:
             break
-        _stop_head(pgid, temp_dir)
+        stop_head(pgid, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         if attempt == attempts:
             raise RuntimeError(f"ray start failed {attempts} times; the last time:\n{failure}")
@@ -249,7 +250,7 @@ def start_ray_head(root: Path, *, num_cpus: int = 4, attempts: int = 3) -> Itera
             temp_dir=temp_dir,
         )
     finally:
-        _stop_head(pgid, temp_dir)
+        stop_head(pgid, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

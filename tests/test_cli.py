@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
+import pytest
 from click.testing import CliRunner
 
 from hdm_platform.cli import main
@@ -53,3 +56,25 @@ def test_bash_completion_script_is_generated():
 
 def test_the_shard_size_flag_default_is_the_writers_default():
     assert ByteSize().convert("256MiB", None, None) == DEFAULT_SHARD_SIZE
+
+
+@pytest.mark.slow
+def test_hdm_train_prints_one_progress_line_per_epoch_and_no_ray_internals(tmp_path):
+    from hdm_platform.data.synth import synthesize
+
+    synthesize("builtin", str(tmp_path / "ds"), task="dehaze", count=24, size=(64, 64), val_fraction=0.25,
+               workers=1, progress=False)  # fmt: skip
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    environment["HDM_HOME"] = str(tmp_path / "home")
+    run = subprocess.run(
+        [sys.executable, "-m", "hdm_platform.cli", "train", "--config", str(Path(__file__).parents[1] / "jobs/configs/tiny-cpu.yaml"),
+         "--set", f"data.uri={tmp_path / 'ds'}", "--set", "train.epochs=2"],
+        capture_output=True, text=True, env=environment, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("logs: ") and Path(lines[0].split()[1]).is_file()
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1.0/2 step 4/8", "epoch 2.0/2 step 8/8"]
+    for noise in ("RayTrainWorker", "TrainController", "TrainingReport", "pid="):
+        assert noise not in run.stdout and noise not in run.stderr, noise
+    assert "registered version:" in run.stdout

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from hdm_platform.cli.submit import (
     job_runtime_env,
     submit,
 )
+from serving import stop_head
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY = "jobs/configs/tiny-cpu.yaml"
@@ -159,38 +157,6 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def _stop_head(pgid: int, temp_dir: str) -> None:
-    """Stop only this test's head: its process group, then anything naming its temp dir."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-    # Workers leave the group; their command lines name the head's temp dir.
-    for pid in _processes_mentioning(temp_dir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head of this test's own, with token authentication on as Ray sets it by default.
@@ -228,7 +194,7 @@ def ray_head(tmp_path_factory):
         assert start.returncode == 0, output
         yield {"address": f"http://127.0.0.1:{dashboard}", "home": home, "token": token}
     finally:
-        _stop_head(start.pid, temp_dir)
+        stop_head(start.pid, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

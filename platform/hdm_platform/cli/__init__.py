@@ -7,6 +7,7 @@ failure is one line naming what failed; ``-v`` shows the traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any
@@ -22,6 +23,7 @@ from hdm_platform.cli.serve import serve
 from hdm_platform.cli.submit import submit
 from hdm_platform.cli.evaluate import compare, evaluate
 from hdm_platform.cli.train import train
+from hdm_platform.console import VERBOSE_VARIABLE
 from hdm_platform.cli.tune import tune
 
 
@@ -54,7 +56,10 @@ _VERBOSE = "hdm.verbose"
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="hdm")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of failures.")
+@click.option(
+    "-v", "--verbose", is_flag=True,
+    help="Show Ray's and MLflow's logs, per-worker output and tracebacks on the console.",
+)  # fmt: skip
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
     """Train, sweep and serve HDM image-enhancement models (dehaze, derain, low-light).
@@ -63,6 +68,9 @@ def main(ctx: click.Context, verbose: bool) -> None:
     fish_source for zsh and fish.
     """
     ctx.meta[_VERBOSE] = verbose
+    if verbose:
+        # Read by what the command starts too (Ray's driver settings, jobs, workers).
+        os.environ[VERBOSE_VARIABLE] = "1"
 
 
 main.add_command(model)

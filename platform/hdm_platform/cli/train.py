@@ -23,8 +23,10 @@ def train(config_path: str, overrides: tuple[str, ...]) -> None:
 
     The config is validated (and the dataset and VGG weights checked) before Ray starts.
     """
+    from hdm_platform.console import configure_logging
     from hdm_platform.train.driver import fit
 
+    click.echo(f"logs: {configure_logging('train')} (Ray's worker logs: /tmp/ray/session_latest/logs; -v shows both)")
     try:
         config = load_config(config_path, overrides)
         # fit() runs its preflight checks before it starts Ray.

@@ -37,10 +37,12 @@ from ray.train import (
     ScalingConfig,
     UserCallback,
 )
+from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 
 from hdm_model.losses import VGG_WEIGHTS_HELP
 from hdm_platform.config import ConfigError, ExperimentConfig
+from hdm_platform.console import is_verbose
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import build_dataset
 from hdm_platform.data.storage import open_filesystem
@@ -48,6 +50,7 @@ from hdm_platform.tracking.mlflow_run import TrackedRun, source_tags
 from hdm_platform.tracking.registry import register_model
 from hdm_platform.train.training_state import exported_model_dir
 from hdm_platform.train.loop import FaultInjection, LoopSettings, train_loop_per_worker
+from hdm_platform.train.progress import progress_display
 
 __all__ = [
     "CHECKPOINT_SCORE",
@@ -149,6 +152,7 @@ def build_trainer(
     mlflow_run_id: str | None = None,
     fault_injection: FaultInjection | None = None,
     callbacks: Sequence[UserCallback] = (),
+    progress_channel: str | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` of an experiment (datasets, scaling, storage, checkpoint policy).
 
@@ -180,6 +184,7 @@ def build_trainer(
         mlflow_tracking_uri=mlflow_tracking_uri,
         mlflow_run_id=mlflow_run_id,
         fault_injection=vars(fault_injection) if fault_injection is not None else None,
+        progress_channel=progress_channel,
     )
     storage_path, storage_filesystem = ray_storage(config.run.resolved_storage_path(), options)
     return TorchTrainer(
@@ -217,10 +222,13 @@ def local_ray_resources(config: ExperimentConfig) -> dict[str, Any]:
     and training would wait forever for its first batch. Logical CPUs only schedule work;
     each worker's torch threads still follow ``scaling.cpus_per_worker``.
     """
+    # Worker output reaches the console through the driver's progress display, and
+    # everything with -v (hdm_platform.console).
+    quiet = {"log_to_driver": is_verbose(), "logging_level": logging.INFO if is_verbose() else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        return {}
+        return quiet
     workers = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker)
-    return {"num_cpus": max(os.cpu_count() or 1, workers + 1)}
+    return {**quiet, "num_cpus": max(os.cpu_count() or 1, workers + 1)}
 
 
 def fit(config: ExperimentConfig, *, fault_injection: FaultInjection | None = None) -> TrainingOutcome:
@@ -238,15 +246,18 @@ def fit(config: ExperimentConfig, *, fault_injection: FaultInjection | None = No
         tags={**source_tags(), "hdm.task": config.task},
     )
     tracked.log_params(config.flat())
-    trainer = build_trainer(
-        config,
-        steps_per_epoch=steps_per_epoch,
-        mlflow_tracking_uri=tracking_uri,
-        mlflow_run_id=tracked.run_id,
-        fault_injection=fault_injection,
-    )
+    DataContext.get_current().enable_progress_bars = is_verbose()
     try:
-        result = trainer.fit()
+        with progress_display() as channel:
+            trainer = build_trainer(
+                config,
+                steps_per_epoch=steps_per_epoch,
+                mlflow_tracking_uri=tracking_uri,
+                mlflow_run_id=tracked.run_id,
+                fault_injection=fault_injection,
+                progress_channel=channel,
+            )
+            result = trainer.fit()
     except BaseException:
         tracked.finish(failed=True)
         raise

@@ -43,6 +43,7 @@ from hdm_model.metrics import image_metrics
 from hdm_platform.config import ExperimentConfig
 from hdm_platform.data.pipeline import iter_pairs
 from hdm_platform.tracking.mlflow_run import TrackedRun, image_grid
+from hdm_platform.train.progress import report_progress
 from hdm_platform.train.training_state import (
     TrainingState,
     load_rng_state,
@@ -111,6 +112,7 @@ class LoopSettings:
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     fault_injection: dict[str, Any] | None = None
+    progress_channel: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +121,7 @@ class LoopSettings:
             "mlflow_tracking_uri": self.mlflow_tracking_uri,
             "mlflow_run_id": self.mlflow_run_id,
             "fault_injection": self.fault_injection,
+            "progress_channel": self.progress_channel,
         }
 
     @classmethod
@@ -314,12 +317,11 @@ class _Trainer:
         self.state.metrics = {key: float(value) for key, value in metrics.items()}
         self.validated_step = self.state.step
         if self.rank == 0:
-            # Ray forwards worker output to the driver: the user's progress line.
-            print(
+            report_progress(
+                self.settings.progress_channel,
                 f"epoch {self.state.step / self.steps_per_epoch:.1f}/{self.experiment.train.epochs} "
                 f"step {self.state.step}/{self.stop_step}: val PSNR {metrics['val_psnr']:.2f} dB, "
                 f"SSIM {metrics['val_ssim']:.4f}, {self.throughput.per_second:.1f} samples/s",
-                flush=True,
             )
         with tempfile.TemporaryDirectory(prefix="hdm-checkpoint-") as directory:
             if self.rank == 0:

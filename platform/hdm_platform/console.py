@@ -1,0 +1,49 @@
+"""What a command shows on the console, and where everything else goes.
+
+By default a long-running command (``hdm train``, ``hdm tune``, ``hdm serve up``) shows its
+own progress and the warnings a user can act on; Ray's, MLflow's and the platform's logs
+go to a log file under ``HDM_HOME/logs`` whose path the command prints. ``hdm -v`` (which
+sets ``HDM_VERBOSE=1`` for everything the command starts) shows them on the console too,
+with Ray's per-worker output and Ray Data's progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from hdm_platform.config import local_home
+
+__all__ = ["VERBOSE_VARIABLE", "configure_logging", "is_verbose"]
+
+VERBOSE_VARIABLE = "HDM_VERBOSE"
+_QUIET_LIBRARIES = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
+
+
+def configure_logging(command: str) -> Path:
+    """Send every log record to ``HDM_HOME/logs/<command>-<time>.log`` and, unless verbose,
+    only warnings of the libraries to the console; returns the log file's path."""
+    logs = local_home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter(_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(file_handler)
+    root.setLevel(logging.INFO)
+    console_level = logging.INFO if is_verbose() else logging.WARNING
+    for name in _QUIET_LIBRARIES:
+        library = logging.getLogger(name)
+        library.setLevel(logging.INFO)
+        library.addHandler(file_handler)
+        for handler in library.handlers:
+            if handler is not file_handler:
+                handler.setLevel(console_level)
+    return path
