@@ -37,6 +37,7 @@ __all__ = [
     "load_config",
     "local_home",
     "parse_overrides",
+    "read_yaml_mapping",
     "resolve_tracking_uri",
     "validation_message",
 ]
@@ -270,19 +271,30 @@ def validate_config(raw: dict[str, Any], *, source: str = "config") -> Experimen
     return config
 
 
-def load_config(path: str | os.PathLike[str], overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment (a path or any fsspec URI), apply ``--set`` overrides, validate."""
+def read_yaml_mapping(source: str, kind: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (a path or any fsspec URI); ``ConfigError`` names
+    ``kind`` and ``source`` when it is missing, unreadable, not YAML or not a mapping."""
     import fsspec
 
-    source = os.fspath(path)
     try:
         with fsspec.open(source, "r", encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle) or {}
+            raw = yaml.safe_load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"experiment config not found: {source}") from None
+        raise ConfigError(f"{kind} not found: {source}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {kind} {source}: {error}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"experiment config {source} is not valid YAML: {error}") from None
+        raise ConfigError(f"{kind} {source} is not valid YAML: {error}") from None
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"experiment config {source} must be a mapping at the top level")
+        raise ConfigError(f"{kind} {source} must be a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | os.PathLike[str], overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment (a path or any fsspec URI), apply ``--set`` overrides, validate."""
+    source = os.fspath(path)
+    raw = read_yaml_mapping(source, "experiment config")
     apply_overrides(raw, parse_overrides(overrides))
     return validate_config(raw, source=source)

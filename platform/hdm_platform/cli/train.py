@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import click
 
+from hdm_platform.cli.options import experiment_option, overrides_option
 from hdm_platform.config import ConfigError, load_config
 
 __all__ = ["train"]
 
 
 @click.command()
-@click.option(
-    "--config", "config_path", required=True, metavar="YAML",
-    help="Experiment file (path or URI), e.g. jobs/configs/dehaze-reside-its.yaml.",
-)  # fmt: skip
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override a config field, e.g. --set train.lr=1e-4 (repeatable).",
-)  # fmt: skip
+@experiment_option("jobs/configs/dehaze-reside-its.yaml")
+@overrides_option("train.lr=1e-4")
 def train(config_path: str, overrides: tuple[str, ...]) -> None:
     """Train on the local Ray, or on the cluster at RAY_ADDRESS; re-running a name resumes it.
 

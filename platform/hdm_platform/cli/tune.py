@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import click
 
+from hdm_platform.cli.options import experiment_option, overrides_option
 from hdm_platform.config import ConfigError, load_config
 
 __all__ = ["tune"]
 
 
 @click.command()
-@click.option(
-    "--config", "config_path", required=True, metavar="YAML",
-    help="Base experiment (path or URI), e.g. jobs/configs/dehaze-nh-haze.yaml.",
-)  # fmt: skip
+@experiment_option("jobs/configs/dehaze-nh-haze.yaml")
 @click.option(
     "--space", "space_path", required=True, metavar="YAML",
     help="Search space, e.g. jobs/spaces/loss-lr.yaml or jobs/spaces/table4-orders.yaml.",
 )  # fmt: skip
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override a base config field, e.g. --set data.uri=s3://... (repeatable).",
-)  # fmt: skip
+@overrides_option("data.uri=s3://...")
 @click.option("--name", "sweep_name", default=None, help="Sweep name; default: <config name>-<space name>.")
 @click.option("--resume", is_flag=True, help="Continue the sweep of this name after a crash.")
 @click.option(

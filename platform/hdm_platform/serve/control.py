@@ -15,11 +15,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from hdm_platform.config import ConfigError, apply_overrides, parse_overrides
-from hdm_platform.config import validation_message
+from hdm_platform.config import ConfigError, apply_overrides, parse_overrides, read_yaml_mapping, validation_message
 from hdm_platform.serve.settings import ModelSettings, ServeAppArgs
 
 __all__ = [
@@ -95,15 +93,7 @@ def validate_serve_config(raw: Any, *, source: str = "serve config") -> Any:
 def read_serve_config(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """A Serve config file with ``--set``-style ``overrides`` applied (``http_options.port=8123``),
     validated (:func:`validate_serve_config`), as its mapping."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"cannot read serve config {path}: {error}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"serve config {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"serve config {path} is not a mapping")
+    raw = read_yaml_mapping(str(path), "serve config")
     apply_overrides(raw, parse_overrides(overrides))
     validate_serve_config(raw, source=str(path))
     return raw

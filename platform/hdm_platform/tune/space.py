@@ -35,7 +35,14 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from hdm_platform.config import validation_message, ConfigError, ExperimentConfig, apply_overrides, validate_config
+from hdm_platform.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    read_yaml_mapping,
+    validate_config,
+    validation_message,
+)
 from hdm_platform.train.driver import preflight
 from hdm_platform.tune.ablations import PAPER_TABLES
 
@@ -231,14 +238,7 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
         ConfigError: naming the file and the offending key.
     """
     source = os.fspath(path)
-    try:
-        raw = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"search space not found: {source}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"search space {source} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"search space {source} must be a mapping at the top level")
+    raw = read_yaml_mapping(source, "search space")
     try:
         parsed = _SpaceFile.model_validate(raw)
         asha = AshaSettings.model_validate(parsed.asha) if parsed.asha is not False else None
