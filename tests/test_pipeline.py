@@ -428,3 +428,43 @@ def test_completed_passes_reads_rays_execution_index_and_fails_loudly_without_it
     del context._execution_idx
     with pytest.raises(RuntimeError, match="completed_passes needs updating"):
         completed_passes(context)
+
+
+def test_one_file_is_the_same_picture_through_ingest_the_pipeline_evaluate_and_enhance(ray_cluster, tmp_path):
+    # One decoder for every path: an RGBA PNG, an EXIF-rotated JPEG and a 16-bit PNG each give
+    # decode_rgb8's pixels to the training pipeline, hdm evaluate and hdm enhance.
+    from click.testing import CliRunner
+
+    from hdm_platform.cli.enhance import enhance as enhance_command
+    from hdm_platform.data.ingest import IngestOptions, ingest
+    from hdm_platform.data.layouts import LayoutOptions
+    from hdm_platform.evaluate import iter_split_pairs
+    from hdm_platform.imageio import decode_rgb8, probe_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rng = np.random.default_rng(5)
+    files = {
+        "rgba.png": (Image.fromarray(np.dstack([rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), rng.integers(0, 256, (24, 32), dtype=np.uint8)])), {}),
+        "rotated.jpg": (Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)), {"exif": exif, "quality": 95}),
+        "deep.png": (Image.fromarray(rng.integers(0, 65536, (24, 32), dtype=np.uint16)), {}),
+    }
+    for side in ("input", "target"):
+        (tmp_path / "src" / side).mkdir(parents=True)
+        for name, (image, options) in files.items():
+            image.save(tmp_path / "src" / side / name, **options)
+    pairing = LayoutOptions(split="test", input_dir="input", target_dir="target")
+    ingest(str(tmp_path / "src"), str(tmp_path / "ds"), IngestOptions(layout="paired", task="dehaze", pairing=pairing), progress=False)
+    expected = {Path(name).stem: decode_rgb8(tmp_path / "src" / "input" / name) for name in files}
+    assert expected["rotated"].shape == (32, 24, 3)  # upright
+    assert probe_image((tmp_path / "src/input/rotated.jpg").read_bytes(), "r").width == 24
+
+    dataset = build_dataset(str(tmp_path / "ds"), "test", crop_size=None, train=False)
+    from_pipeline = {str(row["id"]).rsplit("/", 1)[-1].split(".")[0]: row["input"].transpose(1, 2, 0) for row in dataset.iter_rows()}
+    from_evaluate = {row_id.rsplit("/", 1)[-1].split(".")[0]: source for row_id, source, _ in iter_split_pairs(str(tmp_path / "ds"), "test")}
+    cli = CliRunner().invoke(enhance_command, [str(tmp_path / "src" / "input"), "-o", str(tmp_path / "out"), "--checkpoint", "input"])
+    assert cli.exit_code == 0, cli.output
+    for stem, pixels in expected.items():
+        np.testing.assert_array_equal(from_pipeline[stem], pixels)
+        np.testing.assert_array_equal(from_evaluate[stem], pixels)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{stem}.png").convert("RGB")), pixels)

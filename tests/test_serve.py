@@ -408,6 +408,23 @@ def test_awkward_images_are_converted_and_answered(served_app, kind):
         assert decoded_size(data) == (36, 20)
 
 
+@pytest.mark.parametrize("kind", ["alpha", "16-bit", "exif-rotated"])
+def test_awkward_images_are_served_as_hdm_enhance_reads_them(served_app, kind, tmp_path, monkeypatch):
+    # One decoder (hdm_platform.imageio.decode_rgb8) for Serve and hdm enhance: same bytes out.
+    suffix = ".jpg" if kind == "exif-rotated" else ".png"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / f"photo{suffix}").write_bytes(_awkward_images()[kind])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served_app.tracking_uri)
+    cli = CliRunner().invoke(
+        enhance_command,
+        [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", served_app.models["lowlight"]],
+    )
+    assert cli.exit_code == 0, cli.output
+    served = post(f"{served_app.base_url}/v1/enhance/lowlight", _awkward_images()[kind])
+    assert served.status_code == 200, served.text
+    assert served.content == (tmp_path / "out" / "photo.png").read_bytes()
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width x height`` pixels: a decompression bomb."""
     data = bytearray(png_bytes(1, 1))
