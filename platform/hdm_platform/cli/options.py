@@ -9,7 +9,7 @@ import click
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-__all__ = ["experiment_option", "overrides_option"]
+__all__ = ["experiment_option", "overrides_option", "timeout_option"]
 
 
 def experiment_option(example: str) -> Decorator:
@@ -25,4 +25,12 @@ def overrides_option(example: str) -> Decorator:
     return click.option(
         "--set", "overrides", multiple=True, metavar="KEY=VALUE",
         help=f"Override a config field, e.g. --set {example} (repeatable).",
+    )  # fmt: skip
+
+
+def timeout_option(default_s: float) -> Decorator:
+    """``--timeout SECONDS`` of a command that waits for the cluster."""
+    return click.option(
+        "--timeout", type=click.FloatRange(min=1), default=default_s, show_default=True,
+        help="Seconds to wait.",
     )  # fmt: skip

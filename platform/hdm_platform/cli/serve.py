@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from hdm_platform.cli.options import timeout_option
 from hdm_platform.cli.submit import auth_headers
 from hdm_platform.config import ConfigError
 from hdm_platform.vocabulary import TASKS
@@ -87,13 +88,7 @@ def serve() -> None:
 @click.option(
     "--wait/--no-wait", default=True, show_default=True, help="Wait until every application runs."
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=1),
-    default=600,
-    show_default=True,
-    help="Seconds to wait.",
-)
+@timeout_option(600)
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
     help="Override a field of CONFIG before validation, e.g. --set http_options.port=8123 (repeatable).",
@@ -137,13 +132,7 @@ def status(address: str) -> None:
 @dashboard_address
 @click.option("--app", "app_name", help="Remove only this application (default: all, and Serve).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=1),
-    default=300,
-    show_default=True,
-    help="Seconds to wait.",
-)
+@timeout_option(300)
 def down(address: str, app_name: str | None, yes: bool, timeout: float) -> None:
     """Remove an application, or all of them; waits until they are gone."""
     what = f"application {app_name}" if app_name else "every Serve application"
@@ -167,13 +156,7 @@ def down(address: str, app_name: str | None, yes: bool, timeout: float) -> None:
     "--address",
     help="Ray cluster address (default: $RAY_ADDRESS, else the cluster `ray start` runs here).",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=1),
-    default=600,
-    show_default=True,
-    help="Seconds to wait.",
-)
+@timeout_option(600)
 def reload(task: str, app_name: str, address: str | None, timeout: float) -> None:
     """Load TASK's model again on every replica (after moving its alias, say).
 
