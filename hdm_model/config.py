@@ -34,10 +34,10 @@ UNTILED_MAX_PIXELS = 1024 * 1024
 
 CASCADE_ORDERS = ("PSR", "PRS", "SRP", "SPR", "RPS", "RSP")
 MASK_SOURCES = ("dcp", "learned", "external")
-DCP_MASK_MODES = ("transmission", "dark_channel")
+DCP_MASK_MODES = ("transmission", "dark_channel", "published")
 
 MaskSource = Literal["dcp", "learned", "external"]
-DCPMaskMode = Literal["transmission", "dark_channel"]
+DCPMaskMode = Literal["transmission", "dark_channel", "published"]
 CascadeOrder = Literal["PSR", "PRS", "SRP", "SPR", "RPS", "RSP"]
 
 
@@ -53,6 +53,9 @@ class HDMConfig:
     ``dcp_patch_size`` min filter, airlight from the brightest ``dcp_top_fraction``,
     ``t = 1 - dcp_omega * dark(I / A)`` refined by a guided filter of radius
     ``dcp_guided_radius`` (pixels at 1/4 scale) and ``dcp_guided_eps``.
+    ``dcp_mask_mode="published"`` computes the masks exactly as the authors' SOTS test
+    script does (``hdm_model.published_masks``), with that script's own constants, so the
+    ``dcp_*`` fields must keep their defaults with it.
     """
 
     in_channels: int = 3
@@ -116,6 +119,13 @@ class HDMConfig:
             raise ValueError(f"dcp_top_fraction must be in (0, 1], got {self.dcp_top_fraction}")
         if self.dcp_guided_eps <= 0:
             raise ValueError(f"dcp_guided_eps must be positive, got {self.dcp_guided_eps}")
+        if self.dcp_mask_mode == "published":
+            changed = [name for name in _DCP_SETTINGS if getattr(self, name) != _default(name)]
+            if changed:
+                raise ValueError(
+                    "dcp_mask_mode 'published' runs the authors' script with its own constants; "
+                    f"{', '.join(changed)} cannot be changed with it"
+                )
         if self.use_region and self.mask_source == "dcp" and self.in_channels != 3:
             raise ValueError(
                 f"mask_source 'dcp' needs RGB input (in_channels=3), got in_channels={self.in_channels}"
@@ -152,6 +162,13 @@ class HDMConfig:
 def field_names() -> set[str]:
     """Names of all :class:`HDMConfig` fields."""
     return {field.name for field in dataclasses.fields(HDMConfig)}
+
+
+_DCP_SETTINGS = ("dcp_patch_size", "dcp_omega", "dcp_top_fraction", "dcp_guided_radius", "dcp_guided_eps")
+
+
+def _default(name: str) -> Any:
+    return next(field.default for field in dataclasses.fields(HDMConfig) if field.name == name)
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> None:

@@ -4,7 +4,9 @@ The input is downscaled to the feature grid (1/4), its transmission (or, in the 
 simpler variant, its dark channel) is normalised per image to [0, 1] and split into N equal
 intervals; each interval is one region, as one-hot masks ``[B, N, 1, h, w]``. Least degraded
 first: region 1 holds the highest transmission, region N the lowest. Nothing here keeps a
-graph, and everything runs batched on the input's device.
+graph, and everything runs batched on the input's device. Mode "published" is the authors'
+test script step for step (``hdm_model.published_masks``), the masks the published weights
+were scored with.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hdm_model.config import DCP_MASK_MODES
 from hdm_model.priors import atmospheric_light, dark_channel, grey, guided_filter, transmission
+from hdm_model.published_masks import script_priors, script_region_masks
 
 __all__ = ["DCPMaps", "bin_into_regions", "compute_dcp_maps", "dcp_region_masks", "downscale"]
 
 _RANGE_FLOOR = 1e-6
+#: The DCP settings' defaults; mode "published" has the script's constants and takes no others.
+_SCRIPT_SETTINGS = {
+    "patch_size": 15, "omega": 0.95, "top_fraction": 0.001, "guided_radius": 60, "guided_eps": 1e-4,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,24 @@ def _normalise_per_image(values: Tensor) -> Tensor:
 def _check_rgb(image: Tensor, mode: str) -> None:
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"image must be an RGB batch [B, 3, H, W], got {list(image.shape)}")
-    if mode not in ("transmission", "dark_channel"):
-        raise ValueError(f"mode must be 'transmission' or 'dark_channel', got {mode!r}")
+    if mode not in DCP_MASK_MODES:
+        raise ValueError(f"mode must be one of {', '.join(DCP_MASK_MODES)}, got {mode!r}")
+
+
+def _published_maps(image: Tensor, num_regions: int, scale: int, settings: dict[str, float]) -> DCPMaps:
+    changed = sorted(name for name, value in settings.items() if value != _SCRIPT_SETTINGS[name])
+    if changed:
+        raise ValueError(
+            f"mode 'published' runs the authors' script with its own constants; "
+            f"{', '.join(changed)} cannot be changed with it"
+        )
+    dark, refined = script_priors(image, scale=scale)
+    dtype = image.dtype if image.is_floating_point() else torch.float32
+    return DCPMaps(
+        dark_channel=dark.to(dtype),
+        transmission=refined.to(dtype),
+        masks=script_region_masks(refined, num_regions).to(dtype),
+    )
 
 
 @torch.no_grad()
@@ -93,9 +117,16 @@ def compute_dcp_maps(
     ``mode="transmission"`` is the released code (``t = 1 - omega * dark(I/A)`` refined by a
     guided filter on the grey image, normalised, binned); ``mode="dark_channel"`` is the
     paper's description (bins of the normalised dark channel, inverted so that region 1 is
-    again the least hazy).
+    again the least hazy); ``mode="published"`` is the authors' test script exactly, at
+    ``H // scale x W // scale`` (its dark channel is that of ``I / A``).
     """
     _check_rgb(image, mode)
+    if mode == "published":
+        settings = {
+            "patch_size": patch_size, "omega": omega, "top_fraction": top_fraction,
+            "guided_radius": guided_radius, "guided_eps": guided_eps,
+        }  # fmt: skip
+        return _published_maps(image, num_regions, scale, settings)
     small = downscale(image.float(), scale).clamp(0.0, 1.0)
     dark = dark_channel(small, patch_size)
     airlight = atmospheric_light(small, dark, top_fraction)
@@ -123,7 +154,8 @@ def dcp_region_masks(
     guided_radius: int = 60,
     guided_eps: float = 1e-4,
 ) -> Tensor:
-    """One-hot DCP region masks ``[B, N, 1, ceil(H/scale), ceil(W/scale)]`` of an RGB batch."""
+    """One-hot DCP region masks ``[B, N, 1, ceil(H/scale), ceil(W/scale)]`` of an RGB batch
+    (``H // scale x W // scale`` in mode "published", as the script)."""
     _check_rgb(image, mode)
     if mode == "dark_channel":
         # Only the transmission needs the airlight and the guided filter; skip them.

@@ -36,11 +36,20 @@ from hdm_platform.config import ConfigError
 from hdm_platform.model_refs import HTTPEnhancerError, load_enhancer
 from hdm_platform.imageio import encode_image, read_image
 from hdm_platform.serve.auth import load_api_keys
-from hdm_platform.serve.control import read_serve_config, validate_serve_config
+from hdm_platform.serve.control import (
+    deploy,
+    read_serve_config,
+    remove_application,
+    validate_serve_config,
+    wait_until_removed,
+    wait_until_running,
+)
 from hdm_platform.serve.settings import ApiKeySettings, ServeAppArgs
 from PIL import Image
+from published_reference import random_published_state, reference_forward, save_published_file
 from ray.serve.schema import ServeDeploySchema
 from ray.serve.scripts import build as serve_build
+from realworld import REALWORLD
 from serving import (
     MAIN_APP,
     STRICT_APP,
@@ -52,7 +61,8 @@ from serving import (
     smooth_png,
 )
 
-from hdm_model import build_hdm, variant_config
+from hdm_model import build_hdm, dcp_region_masks, variant_config
+from hdm_model.published import import_published
 
 CONFIGS = Path(__file__).resolve().parents[1] / "serve_configs"
 #: Each config and the tasks it serves; all but local.yaml on GPUs.
@@ -810,3 +820,46 @@ def test_a_served_endpoint_works_as_a_model_reference(served_app):
     assert torch.equal((served * 255).round(), (local * 255).round())
     with pytest.raises(HTTPEnhancerError, match=r"answered 404: .*rain"):
         load_enhancer(f"{served_app.base_url}/v1/enhance/derainn")(image)
+
+
+def test_the_converted_published_checkpoint_is_served_like_any_other(served_app, tmp_path):
+    """The authors' weights (a file with their key names and random values), converted and
+    deployed as an application of its own: the reference network's pixels over HTTP."""
+    state = random_published_state(seed=5)
+    checkpoint = tmp_path / "hdm-published"
+    import_published(save_published_file(tmp_path / "hdm_haze_sots.pk", state), checkpoint)
+    name = "published"
+    application = {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": "hdm_platform.serve.app:build_app",
+        "args": {
+            "tasks": {"dehaze": {"model": str(checkpoint), "device": "cpu", "precision": "fp32"}},
+            "api_keys": {"env_var": None},
+        },
+        "deployments": [
+            {"name": "dehaze", "ray_actor_options": {"num_cpus": 0.25}},
+            {"name": "ingress", "ray_actor_options": {"num_cpus": 0.25}},
+        ],
+    }
+    config = {**served_app.config, "applications": [*served_app.config["applications"], application]}
+    head = served_app.head
+    deploy(config, address=head.dashboard_url, headers=head.headers)
+    try:
+        wait_until_running([name], address=head.dashboard_url, headers=head.headers, timeout_s=600)
+        hazy = min((REALWORLD / "dehaze" / "SOTS-indoor" / "hazy").glob("*.png"))
+        image = read_image(hazy)[None, :, 100:220, 200:360]  # 120x160 of a real scene
+        response = post(f"{served_app.base_url}/{name}/v1/enhance/dehaze", encode_image(image[0]))
+        assert response.status_code == 200, response.text
+        expected = reference_forward(state, image, dcp_region_masks(image, mode="published"))
+        served = read_image(response.content)[None]
+        assert served.shape == image.shape
+        # Outputs equal to ~1e-6 round to the same 8-bit level or a neighbour.
+        assert ((served * 255).round() - (expected.clamp(0, 1) * 255).round()).abs().max() <= 1
+        [described] = requests.get(f"{served_app.base_url}/{name}/v1/models", timeout=TIMEOUT_S).json()
+        assert described["parameters"] == 2_819_292
+        assert described["config"]["blocks_per_group"] == 9
+        assert described["config"]["dcp_mask_mode"] == "published"
+    finally:
+        remove_application(name, address=head.dashboard_url, headers=head.headers)
+        wait_until_removed(name, address=head.dashboard_url, headers=head.headers, timeout_s=300)
