@@ -10,8 +10,9 @@ process, on loopback) into the same bucket, with the same model on the same core
 * **Ray Data**: ``hdm_platform.batch_enhance.enhance_on_ray`` (listing tasks, read+decode
   tasks, the model in an actor pool, encode+write tasks) on a local Ray started as the
   command starts it (``connect_ray``: one logical CPU more than there are cores), first
-  with the pool the command sizes (one actor on every core's thread), then with
-  ``--actors-scan`` actors of ``cores / actors`` threads each.
+  with the pool the command sizes (one-thread actors, one per core), then with
+  ``--actors-scan`` actors of ``cores / actors`` threads each (default: one actor of all
+  cores' threads, as the local loop runs).
 
 Times are whole runs, as the command's summary reports them (``--rounds`` of every case,
 alternating between the sides, since a shared machine drifts; medians reported): listing, the actors' start
@@ -22,7 +23,7 @@ side and the ratio Ray / local (goal: at least 0.9 on 2 cores).
 The model is a random-weight HDM of the quickstart's size (jobs/configs/quickstart-cpu.yaml:
 32 channels, 1 group x 2 blocks, 5 regions); the timing does not depend on the weights.
 
-    .venv/bin/python bench/batch_enhance.py [--sizes 256 1024] [--images 200 24] [--actors-scan 2] [--rounds 1]
+    .venv/bin/python bench/batch_enhance.py [--sizes 256 1024] [--images 200 24] [--actors-scan 1] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -129,14 +130,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--images", type=int, nargs="+", default=[200, 24], help="images of each size")
-    parser.add_argument("--actors-scan", type=int, nargs="*", default=[2], help="also run with these actor counts")
+    parser.add_argument("--actors-scan", type=int, nargs="*", default=[1], help="also run with these actor counts")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every case; medians are reported")
     args = parser.parse_args()
     if len(args.images) != len(args.sizes):
         parser.error("give one --images count per --sizes entry")
     cores = os.cpu_count() or 1
     cases: list[tuple[str, dict[str, int]]] = [("ray data, the command's pool", {})]
-    cases += [(f"ray data, {n} actors x {max(1, cores // n)} threads", {"actors": n, "threads_per_actor": max(1, cores // n)})
+    cases += [(f"ray data, {n} actor(s) x {max(1, cores // n)} threads", {"actors": n, "threads_per_actor": max(1, cores // n)})
               for n in args.actors_scan]  # fmt: skip
 
     server = _start_s3()

@@ -256,9 +256,11 @@ def test_actor_pool_is_sized_from_the_cluster():
         return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
 
     laptop = plan_actor_pool([node(3)])
-    assert (laptop.actors, laptop.threads, laptop.num_cpus, laptop.num_gpus, laptop.batch_size) == (1, 2, 2, 0, 1)
+    assert (laptop.actors, laptop.threads, laptop.num_cpus, laptop.num_gpus, laptop.batch_size) == (2, 1, 1, 0, 1)
     big = plan_actor_pool([node(16), node(16), node(64, alive=False)])
-    assert (big.actors, big.threads) == (6, 4)  # 3 four-thread actors per node, 1 CPU left for tasks
+    assert (big.actors, big.threads) == (30, 1)  # 15 actors per node, 1 CPU left for tasks
+    wide = plan_actor_pool([node(16), node(16)], threads_per_actor=4)
+    assert (wide.actors, wide.threads, wide.num_cpus) == (6, 4, 4)  # 3 per node
     gpus = plan_actor_pool([node(8), node(32, gpus=4), node(32, gpus=4)])
     assert (gpus.actors, gpus.num_gpus, gpus.batch_size) == (8, 1, 8)
     assert plan_actor_pool([node(32, gpus=4)], device="cpu").num_gpus == 0

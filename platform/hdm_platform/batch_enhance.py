@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -82,9 +82,6 @@ READ_BLOCK_BYTES = 4 * 2**20
 #: Images per model call on a GPU (same-shape, untiled images are stacked); on a CPU one at
 #: a time, which computes exactly what the local ``hdm enhance`` loop computes.
 GPU_BATCH_SIZE = 8
-#: Torch threads per CPU actor at most: on a big node several 4-thread replicas keep more
-#: cores busy than one wide one, whose convolutions scale sublinearly past a few threads.
-MAX_THREADS_PER_ACTOR = 4
 
 _SOURCE, _OUTPUT, _ERROR, _IMAGE = "source", "output", "error", "image"
 _NO_IMAGE = np.zeros((3, 0, 0), dtype=np.float32)
@@ -133,9 +130,9 @@ def connect_ray() -> None:
     """Attach to the cluster at ``RAY_ADDRESS``, or start a local Ray, as ``hdm train`` does.
 
     Token authentication stays as Ray sets it. A local Ray gets one logical CPU more than
-    the machine has cores: the model's actor takes a CPU per core for its torch threads,
-    and the read and write tasks need one beside it (they run in the gaps, as the local
-    loop runs them in turn between images).
+    the machine has cores: the model's actors take one per core, and the read and write
+    tasks need one beside them (they run in the gaps, as the local loop runs them in turn
+    between images).
     """
     if ray.is_initialized():
         return
@@ -171,10 +168,12 @@ def plan_actor_pool(
     """Size the model's actor pool from the cluster's nodes (``ray.nodes()``).
 
     With GPUs (and ``device`` not ``"cpu"``): one actor per GPU. Otherwise CPU actors of
-    ``threads_per_actor`` torch threads (default: a node's CPUs less one, at most
-    :data:`MAX_THREADS_PER_ACTOR`), as many as fit on each node with one CPU left there for
-    the read and write tasks. ``actors`` overrides the count (an autoscaling cluster may
-    not show its nodes yet).
+    ``threads_per_actor`` torch threads (default 1), as many as fit on each node with one
+    CPU left there for the read and write tasks. One-thread replicas, one per core, beat
+    fewer wide ones on this network's small convolutions: 1.3-3x the images/s of one
+    2-thread actor on 2 cores at 256x256, and no slower at 1024x1024
+    (bench/batch_enhance.py, bench/RESULTS.md). ``actors`` overrides the count (an
+    autoscaling cluster may not show its nodes yet).
     """
     alive = [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
     gpus = sum(int(resources.get("GPU", 0)) for resources in alive)
@@ -186,7 +185,7 @@ def plan_actor_pool(
             batch_size=batch_size or GPU_BATCH_SIZE,
         )  # fmt: skip
     node_cpus = [int(resources.get("CPU", 0)) for resources in alive] or [1]
-    threads = threads_per_actor or min(MAX_THREADS_PER_ACTOR, max(1, max(node_cpus) - 1))
+    threads = threads_per_actor or 1
     fitting = sum(max(0, (cpus - 1) // threads) for cpus in node_cpus)
     return ActorPool(
         actors=actors or max(1, fitting), num_gpus=0, num_cpus=threads, threads=threads,
@@ -447,18 +446,28 @@ def plan_files(
 # -- The run -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What is left to enhance, as a dataset of ``blocks`` read blocks, and what is not."""
+
+    dataset: ray.data.Dataset | None
+    todo: int
+    skipped: int
+    failures: list[Failure]
+    blocks: int
+
+
 def _file_inputs(
     sources: Sequence[str], destination: str, suffix: str, existing: set[str], storage_options: dict[str, Any] | None
-) -> tuple[ray.data.Dataset | None, int, int, list[Failure]]:
+) -> _Inputs:
     listed = _gather([_list_images.remote(source, storage_options) for source in sources])
     items, skipped, failures = plan_files(list(zip(sources, listed)), destination, suffix, existing)
-    if not items:
-        return None, 0, skipped, failures
     blocks = [
         pa.table({_SOURCE: [item.source for item in block], _OUTPUT: [item.output for item in block]})
         for block in _blocks(items)
     ]
-    return ray.data.from_arrow(blocks), len(items), skipped, failures
+    dataset = ray.data.from_arrow(blocks) if blocks else None
+    return _Inputs(dataset, len(items), skipped, failures, len(blocks))
 
 
 def _blocks(items: Sequence[WorkItem]) -> Iterator[list[WorkItem]]:
@@ -478,9 +487,9 @@ def _blocks(items: Sequence[WorkItem]) -> Iterator[list[WorkItem]]:
 def _dataset_inputs(
     datasets: Sequence[str], split: str, suffix: str, existing: set[str], storage_options: dict[str, Any] | None,
     max_pixels: int | None,
-) -> tuple[ray.data.Dataset | None, int, int, list[Failure]]:  # fmt: skip
+) -> _Inputs:  # fmt: skip
     """Each dataset's split through the shard source, decoded in its read tasks."""
-    parts, todo, skipped = [], 0, 0
+    parts, todo, skipped, blocks = [], 0, 0, 0
     # Sorted for searchsorted; carried in the operator's function, which Ray Data puts in
     # the object store once (numpy arrays deserialise from there without a copy).
     done = np.array(sorted(existing), dtype=str)
@@ -498,6 +507,7 @@ def _dataset_inputs(
             shard_uris, filesystem, columns=["id", "input", "source_input"], unit_rows=READ_BLOCK_IMAGES,
             shuffle=False, seed=None,
         )  # fmt: skip
+        blocks += len(source.units)
         parts.append(
             ray.data.read_datasource(source, override_num_blocks=len(source.units)).map_batches(
                 decode_dataset_rows, fn_kwargs={"done": done, "suffix": suffix, "max_pixels": max_pixels},
@@ -505,8 +515,8 @@ def _dataset_inputs(
             )  # fmt: skip
         )
     if not todo:
-        return None, 0, skipped, []
-    return (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])), todo, skipped, []
+        return _Inputs(None, 0, skipped, [], 0)
+    return _Inputs(parts[0] if len(parts) == 1 else parts[0].union(*parts[1:]), todo, skipped, [], blocks)
 
 
 def _stream(statuses: ray.data.Dataset, total: int, summary: Summary, progress: bool) -> None:
@@ -560,23 +570,26 @@ def enhance_on_ray(
     destination = _absolute(destination)
     existing = set() if overwrite else set(_gather([_list_outputs.remote(destination, storage_options)])[0])
     if split is None:
-        inputs, todo, skipped, failures = _file_inputs(sources, destination, suffix, existing, storage_options)
+        inputs = _file_inputs(sources, destination, suffix, existing, storage_options)
     else:
-        inputs, todo, skipped, failures = _dataset_inputs(sources, split, suffix, existing, storage_options, max_pixels)
-    summary = Summary(skipped=skipped, failures=list(failures))
-    for failure in failures:
+        inputs = _dataset_inputs(sources, split, suffix, existing, storage_options, max_pixels)
+    summary = Summary(skipped=inputs.skipped, failures=list(inputs.failures))
+    for failure in inputs.failures:
         print(f"FAILED {failure.source}: {failure.reason}", file=sys.stderr)
-    if inputs is not None:
+    if inputs.dataset is not None:
         pool = plan_actor_pool(
             ray.nodes(), device=device, actors=actors, threads_per_actor=threads_per_actor, batch_size=batch_size
         )
+        # An actor is a process that imports torch and loads the models (seconds): no more
+        # of them than there are blocks to give them.
+        pool = replace(pool, actors=min(pool.actors, inputs.blocks))
         if progress:
-            print(f"{todo} to enhance, {skipped} already written; {pool.describe()}", file=sys.stderr)
+            print(f"{inputs.todo} to enhance, {inputs.skipped} already written; {pool.describe()}", file=sys.stderr)
         statuses = _pipeline(
-            inputs, pool, references, destination=destination, suffix=suffix, split=split, precision=precision,
+            inputs.dataset, pool, references, destination=destination, suffix=suffix, split=split, precision=precision,
             tile=tile, tile_overlap=tile_overlap, max_pixels=max_pixels, storage_options=storage_options,
         )  # fmt: skip
-        _stream(statuses, todo, summary, progress)
+        _stream(statuses, inputs.todo, summary, progress)
     write_failures(destination, summary.failures, storage_options)
     summary.seconds = time.perf_counter() - started
     return summary
