@@ -99,8 +99,12 @@ def upload_photos(prefix: str, size: int, count: int) -> None:
     generator = np.random.default_rng(size)
     for index in range(count):
         photo = getattr(skimage.data, PHOTOS[index % len(PHOTOS)])()
-        photo = np.asarray(Image.fromarray(photo).convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
-        noisy = np.clip(photo.astype(np.int16) + generator.integers(-3, 4, photo.shape), 0, 255).astype(np.uint8)
+        photo = np.asarray(
+            Image.fromarray(photo).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+        )
+        noisy = np.clip(photo.astype(np.int16) + generator.integers(-3, 4, photo.shape), 0, 255).astype(
+            np.uint8
+        )
         buffer = io.BytesIO()
         Image.fromarray(noisy).save(buffer, format="PNG")
         filesystem.pipe_file(f"{root}/{index:04d}.png", buffer.getvalue())
@@ -130,15 +134,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--images", type=int, nargs="+", default=[200, 24], help="images of each size")
-    parser.add_argument("--actors-scan", type=int, nargs="*", default=[1], help="also run with these actor counts")
+    parser.add_argument(
+        "--actors-scan", type=int, nargs="*", default=[1], help="also run with these actor counts"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every case; medians are reported")
     args = parser.parse_args()
     if len(args.images) != len(args.sizes):
         parser.error("give one --images count per --sizes entry")
     cores = os.cpu_count() or 1
     cases: list[tuple[str, dict[str, int]]] = [("ray data, the command's pool", {})]
-    cases += [(f"ray data, {n} actor(s) x {max(1, cores // n)} threads", {"actors": n, "threads_per_actor": max(1, cores // n)})
-              for n in args.actors_scan]  # fmt: skip
+    for actors in args.actors_scan:
+        threads = max(1, cores // actors)
+        cases.append((f"ray data, {actors} actor(s) x {threads} threads", {"actors": actors, "threads_per_actor": threads}))
 
     server = _start_s3()
     try:
@@ -149,13 +156,19 @@ def main() -> None:
             for size, count in zip(args.sizes, args.images):
                 upload_photos(f"s3://{BUCKET}/raw-{size}", size, count)
             connect_ray()
-            print(f"{cores} cores; Ray: {int(ray.cluster_resources()['CPU'])} logical CPUs; model: quickstart size")
-            print(f"{'size':>5} {'images':>6}  {'side':<34} {'seconds (each round)':>22} {'images/s':>9} {'vs local':>8}")
+            print(
+                f"{cores} cores; Ray: {int(ray.cluster_resources()['CPU'])} logical CPUs; model: quickstart size"
+            )
+            print(
+                f"{'size':>5} {'images':>6}  {'side':<34} {'seconds (each round)':>22} {'images/s':>9} {'vs local':>8}"
+            )
             for size, count in zip(args.sizes, args.images):
                 source = f"s3://{BUCKET}/raw-{size}"
                 seconds: dict[str, list[float]] = {"local": [], **{label: [] for label, _ in cases}}
                 for round_index in range(args.rounds):
-                    seconds["local"].append(local_loop(source, f"s3://{BUCKET}/local-{size}-{round_index}", checkpoint))
+                    seconds["local"].append(
+                        local_loop(source, f"s3://{BUCKET}/local-{size}-{round_index}", checkpoint)
+                    )
                     for case_index, (label, pool) in enumerate(cases):
                         destination = f"s3://{BUCKET}/ray-{size}-{case_index}-{round_index}"
                         seconds[label].append(on_ray(source, destination, checkpoint, count, **pool))
@@ -164,7 +177,9 @@ def main() -> None:
                     median = statistics.median(times)
                     side = f"local loop ({cores} threads)" if label == "local" else label
                     rounds = " ".join(f"{value:.1f}" for value in times)
-                    print(f"{size:>5} {count:>6}  {side:<34} {rounds:>22} {count / median:9.2f} {local_s / median:8.2f}")
+                    print(
+                        f"{size:>5} {count:>6}  {side:<34} {rounds:>22} {count / median:9.2f} {local_s / median:8.2f}"
+                    )
             print(f"goal: ray data / local >= {GOAL_RATIO} on 2 cores")
     finally:
         ray.shutdown()

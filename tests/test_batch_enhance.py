@@ -55,7 +55,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(save_checkpoint(hdm(blocks_per_group=1, num_groups=1, channels=8), folder / f"tiny-{seed}"))
+        models.append(
+            save_checkpoint(hdm(blocks_per_group=1, num_groups=1, channels=8), folder / f"tiny-{seed}")
+        )
     return models[0], models[1]
 
 
@@ -96,7 +98,9 @@ DISPLAYED = {
 
 
 def _local_enhance(sources: list[Path], out: Path, *arguments: str) -> None:
-    result = CliRunner().invoke(main, ["enhance", *map(str, sources), "-o", str(out), "--device", "cpu", *arguments])
+    result = CliRunner().invoke(
+        main, ["enhance", *map(str, sources), "-o", str(out), "--device", "cpu", *arguments]
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -127,7 +131,9 @@ def test_s3_prefix_in_and_out_with_mixed_formats_equals_the_local_command(
     # The local loop over the same files and model writes the same bytes.
     expected = tmp_path / "expected"
     for key in DISPLAYED:
-        source = next(path for path in local.rglob("*") if path.relative_to(local).with_suffix(".png").as_posix() == key)
+        source = next(
+            path for path in local.rglob("*") if path.relative_to(local).with_suffix(".png").as_posix() == key
+        )
         _local_enhance([source], expected / Path(key).parent, "--checkpoint", str(checkpoints[0]))
     for key, (height, width) in DISPLAYED.items():
         produced = client.get_object(Bucket=bucket, Key=f"out/{key}")["Body"].read()
@@ -144,14 +150,20 @@ def test_model_chain_tiles_and_jpeg_equal_the_local_command(ray_cluster, checkpo
         "--checkpoint", str(checkpoints[0]), "--checkpoint", str(checkpoints[1]),
         "--tile", "16", "--tile-overlap", "4", "--format", "jpeg",
     ]  # fmt: skip
-    result = CliRunner().invoke(main, ["enhance", str(source), "-o", str(tmp_path / "ray"), "--ray", *arguments])
+    result = CliRunner().invoke(
+        main, ["enhance", str(source), "-o", str(tmp_path / "ray"), "--ray", *arguments]
+    )
     assert result.exit_code == 0, result.output
     _local_enhance([source], tmp_path / "local", *arguments)
     for index in range(3):
-        assert (tmp_path / "ray" / f"{index}.jpg").read_bytes() == (tmp_path / "local" / f"{index}.jpg").read_bytes()
+        assert (tmp_path / "ray" / f"{index}.jpg").read_bytes() == (
+            tmp_path / "local" / f"{index}.jpg"
+        ).read_bytes()
     assert not (tmp_path / "ray" / FAILURES_NAME).exists()
 
-    missing = CliRunner().invoke(main, ["enhance", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "--ray", *arguments])
+    missing = CliRunner().invoke(
+        main, ["enhance", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "--ray", *arguments]
+    )
     assert missing.exit_code == 1 and f"no such file or folder: {tmp_path / 'nope'}" in missing.output
 
 
@@ -213,7 +225,9 @@ def test_a_killed_run_resumes_without_redoing_finished_images(ray_cluster, check
     driver = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while len(_snapshot(out) if out.exists() else {}) < 4:
-        assert driver.poll() is None and time.monotonic() < deadline, "the first run ended before it was killed"
+        assert driver.poll() is None and time.monotonic() < deadline, (
+            "the first run ended before it was killed"
+        )
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -228,7 +242,9 @@ def test_a_killed_run_resumes_without_redoing_finished_images(ray_cluster, check
     assert len(after) == count
     assert {name: after[name] for name in finished} == finished  # not one rewritten
 
-    again = CliRunner().invoke(main, ["enhance", str(source), "-o", str(out), "--checkpoint", "dcp", "--overwrite", "--ray"])
+    again = CliRunner().invoke(
+        main, ["enhance", str(source), "-o", str(out), "--checkpoint", "dcp", "--overwrite", "--ray"]
+    )
     assert again.exit_code == 0 and f"enhanced {count}, skipped 0" in again.output
 
 
@@ -241,9 +257,16 @@ def test_planning_pairs_inputs_with_outputs_and_refuses_collisions():
     items, skipped, failures = plan_files(listings[:1], "s3://b/raw/out", ".png", existing={"y.png"})
     assert items == [WorkItem("s3://b/raw/a/x.jpg", "a/x.png", 5)]
     assert skipped == 1  # y.png is written; out/z.png is an output, not an input
-    assert failures == [Failure("s3://b/raw/a/x.png", "the output s3://b/raw/out/a/x.png is already written for s3://b/raw/a/x.jpg")]
+    assert failures == [
+        Failure(
+            "s3://b/raw/a/x.png",
+            "the output s3://b/raw/out/a/x.png is already written for s3://b/raw/a/x.jpg",
+        )
+    ]
     _, _, overwriting = plan_files(listings[1:], "/data/same", ".png", existing=set())
-    assert overwriting == [Failure("/data/same/w.png", "the output /data/same/w.png would overwrite the input")]
+    assert overwriting == [
+        Failure("/data/same/w.png", "the output /data/same/w.png would overwrite the input")
+    ]
 
     # Read blocks: 8 small images, or fewer large ones (a block is also an actor's task).
     small = [WorkItem(f"s{index}", f"s{index}.png", 1000) for index in range(10)]
@@ -256,7 +279,13 @@ def test_actor_pool_is_sized_from_the_cluster():
         return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
 
     laptop = plan_actor_pool([node(3)])
-    assert (laptop.actors, laptop.threads, laptop.num_cpus, laptop.num_gpus, laptop.batch_size) == (2, 1, 1, 0, 1)
+    assert (laptop.actors, laptop.threads, laptop.num_cpus, laptop.num_gpus, laptop.batch_size) == (
+        2,
+        1,
+        1,
+        0,
+        1,
+    )
     big = plan_actor_pool([node(16), node(16), node(64, alive=False)])
     assert (big.actors, big.threads) == (30, 1)  # 15 actors per node, 1 CPU left for tasks
     wide = plan_actor_pool([node(16), node(16)], threads_per_actor=4)
@@ -275,5 +304,7 @@ def test_tasks_name_their_models_in_order():
     runner = CliRunner()
     unknown = runner.invoke(main, ["enhance", "x.png", "-o", "o", "--tasks", "derain,deblur"])
     assert unknown.exit_code == 2 and "unknown task(s) deblur" in unknown.output
-    unpaired = runner.invoke(main, ["enhance", "x.png", "-o", "o", "--tasks", "derain", "--checkpoint", "ckpt/"])
+    unpaired = runner.invoke(
+        main, ["enhance", "x.png", "-o", "o", "--tasks", "derain", "--checkpoint", "ckpt/"]
+    )
     assert unpaired.exit_code == 2 and "TASK=REF" in unpaired.output

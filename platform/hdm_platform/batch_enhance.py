@@ -231,8 +231,12 @@ class EnhancePredictor:
         self._untiled_max_pixels = UNTILED_MAX_PIXELS
         self._models = [
             load_enhancer(
-                reference, device=self._device, precision=precision, tile=tile,
-                tile_overlap=tile_overlap, storage_options=storage_options,
+                reference,
+                device=self._device,
+                precision=precision,
+                tile=tile,
+                tile_overlap=tile_overlap,
+                storage_options=storage_options,
             )  # fmt: skip
             for reference in references
         ]
@@ -292,7 +296,10 @@ def _object_array(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _decoded_batch(
-    sources: Sequence[str], outputs: Sequence[str], contents: Sequence[bytes | Exception], max_pixels: int | None
+    sources: Sequence[str],
+    outputs: Sequence[str],
+    contents: Sequence[bytes | Exception],
+    max_pixels: int | None,
 ) -> dict[str, np.ndarray]:
     images, errors = [], []
     for source, data in zip(sources, contents):
@@ -337,7 +344,9 @@ def decode_dataset_rows(
     outputs = np.array([f"{row_id}{suffix}" for row_id in batch["id"]], dtype=object)
     todo = ~_contains(done, outputs)
     contents = [bytes(data) for data in batch["input"][todo]]
-    sources = [f"{source} (row {row_id})" for source, row_id in zip(batch["source_input"][todo], batch["id"][todo])]
+    sources = [
+        f"{source} (row {row_id})" for source, row_id in zip(batch["source_input"][todo], batch["id"][todo])
+    ]
     return _decoded_batch(sources, list(outputs[todo]), contents, max_pixels)
 
 
@@ -410,7 +419,10 @@ def _gather(refs: list[ray.ObjectRef]) -> list[Any]:
 
 
 def plan_files(
-    listings: Sequence[tuple[str, list[tuple[str, str, int]]]], destination: str, suffix: str, existing: set[str]
+    listings: Sequence[tuple[str, list[tuple[str, str, int]]]],
+    destination: str,
+    suffix: str,
+    existing: set[str],
 ) -> tuple[list[WorkItem], int, list[Failure]]:
     """The inputs still to enhance, how many are already written, and inputs refused now.
 
@@ -424,7 +436,9 @@ def plan_files(
     items, failures, skipped = [], [], 0
     for given, files in listings:
         source_prefix = given.rstrip("/") + "/"
-        holds_destination = destination_prefix.startswith(source_prefix) and destination_prefix != source_prefix
+        holds_destination = (
+            destination_prefix.startswith(source_prefix) and destination_prefix != source_prefix
+        )
         for uri, relative, size in sorted(files, key=lambda file: file[1]):
             if holds_destination and uri.startswith(destination_prefix):
                 continue
@@ -458,7 +472,11 @@ class _Inputs:
 
 
 def _file_inputs(
-    sources: Sequence[str], destination: str, suffix: str, existing: set[str], storage_options: dict[str, Any] | None
+    sources: Sequence[str],
+    destination: str,
+    suffix: str,
+    existing: set[str],
+    storage_options: dict[str, Any] | None,
 ) -> _Inputs:
     listed = _gather([_list_images.remote(source, storage_options) for source in sources])
     items, skipped, failures = plan_files(list(zip(sources, listed)), destination, suffix, existing)
@@ -497,7 +515,9 @@ def _dataset_inputs(
         manifest = Manifest.load(uri, storage_options=storage_options)
         shard_uris = manifest.shard_uris(split)
         if not shard_uris:
-            raise ValueError(f"dataset {uri} has no rows in split {split!r} (it has {sorted(manifest.splits)})")
+            raise ValueError(
+                f"dataset {uri} has no rows in split {split!r} (it has {sorted(manifest.splits)})"
+            )
         listed = _gather([_list_row_ids.remote(shard_uri, storage_options) for shard_uri in shard_uris])
         ids = [row_id for shard in listed for row_id in shard]
         written = sum(f"{row_id}{suffix}" in existing for row_id in ids)
@@ -510,8 +530,10 @@ def _dataset_inputs(
         blocks += len(source.units)
         parts.append(
             ray.data.read_datasource(source, override_num_blocks=len(source.units)).map_batches(
-                decode_dataset_rows, fn_kwargs={"done": done, "suffix": suffix, "max_pixels": max_pixels},
-                batch_format="numpy", batch_size=None,
+                decode_dataset_rows,
+                fn_kwargs={"done": done, "suffix": suffix, "max_pixels": max_pixels},
+                batch_format="numpy",
+                batch_size=None,
             )  # fmt: skip
         )
     if not todo:
@@ -531,7 +553,9 @@ def _stream(statuses: ray.data.Dataset, total: int, summary: Summary, progress: 
             bar.update(batch.num_rows)
 
 
-def write_failures(destination: str, failures: Sequence[Failure], storage_options: dict[str, Any] | None) -> None:
+def write_failures(
+    destination: str, failures: Sequence[Failure], storage_options: dict[str, Any] | None
+) -> None:
     """:data:`FAILURES_NAME` under ``destination`` (atomically), or no such file when none failed."""
     filesystem, root = open_filesystem(destination, storage_options)
     path = f"{root}/{FAILURES_NAME}"
@@ -578,16 +602,24 @@ def enhance_on_ray(
         print(f"FAILED {failure.source}: {failure.reason}", file=sys.stderr)
     if inputs.dataset is not None:
         pool = plan_actor_pool(
-            ray.nodes(), device=device, actors=actors, threads_per_actor=threads_per_actor, batch_size=batch_size
+            ray.nodes(),
+            device=device,
+            actors=actors,
+            threads_per_actor=threads_per_actor,
+            batch_size=batch_size,
         )
         # An actor is a process that imports torch and loads the models (seconds): no more
         # of them than there are blocks to give them.
         pool = replace(pool, actors=min(pool.actors, inputs.blocks))
         if progress:
-            print(f"{inputs.todo} to enhance, {inputs.skipped} already written; {pool.describe()}", file=sys.stderr)
+            print(
+                f"{inputs.todo} to enhance, {inputs.skipped} already written; {pool.describe()}",
+                file=sys.stderr,
+            )
         statuses = _pipeline(
-            inputs.dataset, pool, references, destination=destination, suffix=suffix, split=split, precision=precision,
-            tile=tile, tile_overlap=tile_overlap, max_pixels=max_pixels, storage_options=storage_options,
+            inputs.dataset, pool, references, destination=destination, suffix=suffix, split=split,
+            precision=precision, tile=tile, tile_overlap=tile_overlap, max_pixels=max_pixels,
+            storage_options=storage_options,
         )  # fmt: skip
         _stream(statuses, inputs.todo, summary, progress)
     write_failures(destination, summary.failures, storage_options)
@@ -614,7 +646,10 @@ def _pipeline(
         EnhancePredictor,
         fn_constructor_args=(list(references),),
         fn_constructor_kwargs={
-            "precision": precision, "tile": tile, "tile_overlap": tile_overlap, "threads": pool.threads,
+            "precision": precision,
+            "tile": tile,
+            "tile_overlap": tile_overlap,
+            "threads": pool.threads,
             "storage_options": storage_options,
         },  # fmt: skip
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
@@ -624,9 +659,11 @@ def _pipeline(
         num_gpus=pool.num_gpus or None,
     )
     statuses = enhanced.map_batches(
-        encode_and_write, fn_kwargs={"destination": destination, "suffix": suffix, "storage_options": storage_options},
-        batch_format="numpy", batch_size=None,
-    )  # fmt: skip
+        encode_and_write,
+        fn_kwargs={"destination": destination, "suffix": suffix, "storage_options": storage_options},
+        batch_format="numpy",
+        batch_size=None,
+    )
     context = statuses.context
     context.enable_progress_bars = False  # the driver's own bar counts images
     # As in the training input pipeline: on a few CPUs Ray Data's per-operator reservation

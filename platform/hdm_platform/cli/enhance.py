@@ -80,7 +80,9 @@ def _model_references(checkpoints: tuple[str, ...], tasks: str | None) -> list[s
         return list(checkpoints)
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if unknown := sorted(set(names) - set(TASKS)):
-        raise click.BadParameter(f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(TASKS)}", param_hint="--tasks")
+        raise click.BadParameter(
+            f"unknown task(s) {', '.join(unknown)}; tasks are {', '.join(TASKS)}", param_hint="--tasks"
+        )
     per_task: dict[str, str] = {}
     for checkpoint in checkpoints:
         task, separator, reference = checkpoint.partition("=")
@@ -166,7 +168,9 @@ def _local_path(uri: str) -> Path:
 )
 @click.option("--split", help="Each SRC is a dataset (hdm data); enhance this split's inputs (on Ray).")
 @click.option("--overwrite", is_flag=True, help="On Ray: redo inputs whose output exists (default: skip them).")
-@click.option("--max-pixels", type=click.IntRange(min=1), help="On Ray: refuse larger inputs (default: PIL's limit).")
+@click.option(
+    "--max-pixels", type=click.IntRange(min=1), help="On Ray: refuse larger inputs (default: PIL's limit)."
+)
 @click.option("--actors", type=click.IntRange(min=1), help="On Ray: model replicas [default: from the cluster].")
 @click.option(
     "--batch-size",
@@ -288,7 +292,8 @@ def _enhance_on_ray(inputs: tuple[str, ...], output_dir: str, references: list[s
         raise click.ClickException(str(error)) from error
     click.echo(summary.line(output_dir))
     if summary.failures:
-        click.echo(f"{len(summary.failures)} failed (listed in {output_dir.rstrip('/')}/{batch_enhance.FAILURES_NAME}):", err=True)
+        listed = f"{output_dir.rstrip('/')}/{batch_enhance.FAILURES_NAME}"
+        click.echo(f"{len(summary.failures)} failed (listed in {listed}):", err=True)
         for failure in summary.failures:
             click.echo(f"  {failure.source}: {failure.reason}", err=True)
         click.get_current_context().exit(1)

@@ -338,7 +338,9 @@ _ENHANCE_SCRIPT = "jobs/enhance.py"
     default=None,
     help="Checkout to ship as the working directory [default: found from the cwd].",
 )
-@click.argument("enhance_args", nargs=-1, required=True, type=click.UNPROCESSED, metavar="SRC... -o DEST [ENHANCE OPTIONS]")
+@click.argument(
+    "enhance_args", nargs=-1, required=True, type=click.UNPROCESSED, metavar="SRC... -o DEST [ENHANCE OPTIONS]"
+)
 def submit_enhance(address: str, follow: bool, project_dir: Path | None, enhance_args: tuple[str, ...]) -> None:
     """Run hdm enhance on Ray Data as a job on a Ray cluster (jobs/enhance.py).
 
