@@ -34,7 +34,7 @@ from hdm_model.losses import EnhancementLoss
 from hdm_platform.config import validate_config
 from hdm_platform.data.synth import synthesize
 from hdm_platform.evaluate import iter_split_pairs
-from hdm_platform.train import fit
+from hdm_platform.train.driver import fit
 
 
 def plain_loop_samples_per_second(

@@ -286,6 +286,33 @@ def test_tiny_training_job_runs_to_completion(ray_head, client_env, tiny_dataset
     assert client.get_model_version_by_alias("hdm-tiny-dehaze", "challenger").run_id == runs[0].info.run_id
 
 
+def test_enhance_job_runs_hdm_enhance_on_the_cluster(ray_head, client_env, tmp_path):
+    from PIL import Image
+
+    source = tmp_path / "photos"
+    (source / "day").mkdir(parents=True)
+    for index in range(3):
+        Image.new("RGB", (24, 16), (40 * index, 90, 200)).save(source / "day" / f"{index}.jpg")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        submit,
+        ["enhance", "--address", ray_head["address"], "--follow", "--project-dir", str(PROJECT),
+         str(source), "-o", str(out), "--checkpoint", "dcp", "--format", "webp"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.splitlines()[0]
+    assert "enhanced 3, skipped 0 (already written), failed 0" in result.stdout  # streamed from the job
+    assert f"job {job_id} SUCCEEDED" in result.stderr
+    assert sorted(path.name for path in (out / "day").iterdir()) == ["0.webp", "1.webp", "2.webp"]
+
+
+def test_enhance_job_arguments_are_checked_before_submitting():
+    result = CliRunner().invoke(
+        submit, ["enhance", *UNREACHABLE, "s3://b/in/", "-o", "s3://b/out/", "--checkpoint", "dcp", "--tile", "30"]
+    )
+    assert result.exit_code == 2 and "multiple of 4" in result.output
+
+
 def _load_job_script(name: str):
     spec = importlib.util.spec_from_file_location(f"hdm_job_{name}", PROJECT / "jobs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -279,25 +279,32 @@ def _job_command(name: str, entry: JobEntryPoint) -> click.Command:
                 f"set them, e.g. --set {placeholders[0]}=s3://my-bucket/..."
             )
 
-        with _job_server_errors(address):
-            client = _connect(address)
-            job_id = client.submit_job(
-                entrypoint=job_entrypoint(entry.script, job_config, overrides, extra_args),
-                runtime_env=job_runtime_env(project, os.environ),
-                entrypoint_num_gpus=1 if entry.gpu_driver and config.scaling.use_gpu else None,
-                metadata={"hdm_job": name, "hdm_experiment": config.name},
-            )
-            click.echo(job_id)
-            if not follow:
-                click.echo(f"submitted; the dashboard at {address} shows its logs", err=True)
-                return
-            status = _follow(client, job_id)
-            message = client.get_job_info(job_id).message
-        click.echo(f"job {job_id} {status.value}", err=True)
-        if status.value != "SUCCEEDED":
-            raise click.ClickException(f"job {job_id} {status.value}: {message or 'no message'}")
+        _submit_job(
+            address,
+            follow,
+            entrypoint=job_entrypoint(entry.script, job_config, overrides, extra_args),
+            runtime_env=job_runtime_env(project, os.environ),
+            entrypoint_num_gpus=1 if entry.gpu_driver and config.scaling.use_gpu else None,
+            metadata={"hdm_job": name, "hdm_experiment": config.name},
+        )
 
     return command
+
+
+def _submit_job(address: str, follow: bool, **job: Any) -> None:
+    """Submit, print the job id, and with ``follow`` stream its logs and fail unless it succeeds."""
+    with _job_server_errors(address):
+        client = _connect(address)
+        job_id = client.submit_job(**job)
+        click.echo(job_id)
+        if not follow:
+            click.echo(f"submitted; the dashboard at {address} shows its logs", err=True)
+            return
+        status = _follow(client, job_id)
+        message = client.get_job_info(job_id).message
+    click.echo(f"job {job_id} {status.value}", err=True)
+    if status.value != "SUCCEEDED":
+        raise click.ClickException(f"job {job_id} {status.value}: {message or 'no message'}")
 
 
 @click.group(name="submit")
@@ -307,3 +314,51 @@ def submit() -> None:
 
 for _name, _entry in JOB_ENTRY_POINTS.items():
     submit.add_command(_job_command(_name, _entry))
+
+_ENHANCE_SCRIPT = "jobs/enhance.py"
+
+
+@submit.command(
+    name="enhance",
+    # Everything from the first argument on is hdm enhance's: SRC..., -o DEST, --checkpoint ...
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option(
+    "--address",
+    envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    show_envvar=True,
+    help="Ray dashboard (job server) URL.",
+)
+@click.option("--follow/--no-follow", default=False, help="Stream logs until the job ends.")
+@click.option(
+    "--project-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Checkout to ship as the working directory [default: found from the cwd].",
+)
+@click.argument(
+    "enhance_args", nargs=-1, required=True, type=click.UNPROCESSED, metavar="SRC... -o DEST [ENHANCE OPTIONS]"
+)
+def submit_enhance(address: str, follow: bool, project_dir: Path | None, enhance_args: tuple[str, ...]) -> None:
+    """Run hdm enhance on Ray Data as a job on a Ray cluster (jobs/enhance.py).
+
+    The options of this command come first; the rest is hdm enhance's, checked here before
+    submitting. SRC and DEST should be URIs the cluster reaches (s3://...). Prints the job
+    id; with --follow, streams the job's logs and exits non-zero unless it succeeds (a job
+    in which any image failed fails).
+    """
+    from hdm_platform.cli.enhance import enhance
+
+    project = project_dir.resolve() if project_dir else find_project_dir(Path.cwd())
+    arguments = ["--ray", *enhance_args]
+    # Parsed here (not run) so that a typo fails before the job does.
+    enhance.make_context(_ENHANCE_SCRIPT, list(arguments))
+    _submit_job(
+        address,
+        follow,
+        entrypoint=shlex.join(["python", _ENHANCE_SCRIPT, *arguments]),
+        runtime_env=job_runtime_env(project, os.environ),
+        metadata={"hdm_job": "enhance"},
+    )

@@ -26,6 +26,7 @@ __all__ = [
     "list_files",
     "write_atomic",
     "is_local",
+    "is_remote",
 ]
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -113,6 +114,11 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[FileEntry]:
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether ``fs`` is the local disk, where atomic replacement is a rename."""
     return isinstance(fs, LocalFileSystem)
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names storage other than this machine's disk (``s3://``, ``gs://``, ...)."""
+    return fsspec.core.split_protocol(os.fspath(uri))[0] not in (None, "file", "local")
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
