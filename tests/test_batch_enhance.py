@@ -168,14 +168,14 @@ def test_model_chain_tiles_and_jpeg_equal_the_local_command(ray_cluster, checkpo
 
 
 def test_dataset_split_is_enhanced_by_row_id_and_a_rerun_skips_it(ray_cluster, tmp_path):
-    from hdm_platform.data.ingest import ingest
+    from hdm_platform.data.ingest import IngestOptions, ingest
 
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(3):
         Image.fromarray(_rgb(24, 32, 20 + index)).save(photos / f"p{index}.png")
     dataset = tmp_path / "dataset"
-    ingest(str(photos), str(dataset), layout="unpaired", task="dehaze", workers=1, progress=False)
+    ingest(str(photos), str(dataset), IngestOptions(layout="unpaired", task="dehaze", workers=1), progress=False)
     out = tmp_path / "out"
     command = ["enhance", str(dataset), "--split", "infer", "-o", str(out), "--checkpoint", "dcp"]
 
