@@ -136,6 +136,33 @@ def test_region_block_equals_the_masked_sum_of_all_region_filters() -> None:
         ]
     )
     assert torch.allclose(block(features, masks), expected, atol=1e-5)
+    with torch.no_grad():  # one-hot masks, no gradient: each pixel runs only its own filter
+        assert torch.allclose(block(features, masks), expected, atol=1e-5)
+
+
+def test_region_filters_by_pixel_equal_the_masked_sum_in_every_case() -> None:
+    torch.manual_seed(0)
+    block = RegionDynamicBlock(8, 4).eval()
+    features = torch.randn(3, 8, 9, 13).contiguous(memory_format=torch.channels_last)
+    regions = torch.randint(0, 4, (3, 9, 13))
+    regions[1] = 2  # an image where all but one region are empty
+    one_hot = F.one_hot(regions, 4).permute(0, 3, 1, 2).unsqueeze(2).float()
+    soft = torch.rand(3, 4, 1, 9, 13).softmax(dim=1)
+    # With gradients on: the masked sum of all N responses.
+    expected, expected_soft = block(features, one_hot), block(features, soft)
+    with torch.no_grad():
+        assert torch.allclose(block(features, one_hot), expected, atol=1e-5)
+        # Masks that are not one-hot still get the masked sum, not their argmax.
+        assert torch.allclose(block(features, soft), expected_soft, atol=1e-6)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            low_precision = block(features, one_hot)
+    assert low_precision.dtype == torch.bfloat16
+    assert psnr_like(low_precision.float(), expected) > 35
+
+
+def psnr_like(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR over the range of ``b`` (features are not images in [0, 1])."""
+    return (10 * torch.log10((b.max() - b.min()) ** 2 / F.mse_loss(a, b))).item()
 
 
 def test_auto_precision_is_bfloat16_only_where_it_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
