@@ -106,6 +106,32 @@ PLACEHOLDER_MARK = "YOUR-BUCKET"
 _RAY_ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
+
+def _job_options(command: Any) -> Any:
+    """The options every submitted job takes: where the job server is, whether to follow
+    the logs, and which checkout to ship."""
+    decorators = [
+        click.option(
+            "--address",
+            # Ray's own precedence for the job server address (as in `ray job submit`).
+            envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+            default=DEFAULT_ADDRESS,
+            show_default=True,
+            show_envvar=True,
+            help="Ray dashboard (job server) URL.",
+        ),
+        click.option("--follow/--no-follow", default=False, help="Stream logs until the job ends."),
+        click.option(
+            "--project-dir",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            default=None,
+            help="Checkout to ship as the working directory [default: found from the cwd].",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
 def find_project_dir(start: Path) -> Path:
     """The nearest directory at or above ``start`` holding ``pyproject.toml`` and ``jobs/``."""
     start = start.resolve()
@@ -241,22 +267,7 @@ def _job_command(name: str, entry: JobEntryPoint) -> click.Command:
         help="Experiment YAML inside the checkout (e.g. jobs/configs/tiny-cpu.yaml) or a URI.",
     )
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override.")
-    @click.option(
-        "--address",
-        # Ray's own precedence for the job server address (as in `ray job submit`).
-        envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
-        default=DEFAULT_ADDRESS,
-        show_default=True,
-        show_envvar=True,
-        help="Ray dashboard (job server) URL.",
-    )
-    @click.option("--follow/--no-follow", default=False, help="Stream logs until the job ends.")
-    @click.option(
-        "--project-dir",
-        type=click.Path(exists=True, file_okay=False, path_type=Path),
-        default=None,
-        help="Checkout to ship as the working directory [default: found from the cwd].",
-    )
+    @_job_options
     @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- SCRIPT_ARGS...]")
     def command(
         config_path: str,
@@ -323,21 +334,7 @@ _ENHANCE_SCRIPT = "jobs/enhance.py"
     # Everything from the first argument on is hdm enhance's: SRC..., -o DEST, --checkpoint ...
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
-@click.option(
-    "--address",
-    envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
-    default=DEFAULT_ADDRESS,
-    show_default=True,
-    show_envvar=True,
-    help="Ray dashboard (job server) URL.",
-)
-@click.option("--follow/--no-follow", default=False, help="Stream logs until the job ends.")
-@click.option(
-    "--project-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Checkout to ship as the working directory [default: found from the cwd].",
-)
+@_job_options
 @click.argument(
     "enhance_args", nargs=-1, required=True, type=click.UNPROCESSED, metavar="SRC... -o DEST [ENHANCE OPTIONS]"
 )
