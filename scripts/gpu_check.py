@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Adam
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchvision.ops import DeformConv2d
 
+from hdm_model import structure
 from hdm_model import HDM, enhance, hdm, load_checkpoint, prepare_for_inference, save_checkpoint
 from hdm_model.inference import resolve_precision
 from hdm_model.losses import EnhancementLoss
@@ -390,24 +390,21 @@ def check_matches_cpu(bench: Bench) -> dict[str, Any]:
 
 
 @contextmanager
-def recorded_input_dtypes(model: nn.Module, kind: type[nn.Module]) -> Iterator[set[torch.dtype]]:
-    """The dtypes of every tensor that enters a ``kind`` module of ``model`` inside the block."""
+def recorded_deform_input_dtypes() -> Iterator[set[torch.dtype]]:
+    """The dtypes of every tensor the structure level hands its deformable conv inside the
+    block (``hdm_model.deform.modulated_deform_conv3x3``, whichever kernel it picks)."""
     dtypes: set[torch.dtype] = set()
+    original = structure.modulated_deform_conv3x3
 
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def recording(*args: Any, **kwargs: Any) -> Tensor:
         dtypes.update(value.dtype for value in (*args, *kwargs.values()) if isinstance(value, Tensor))
+        return original(*args, **kwargs)
 
-    handles = [
-        module.register_forward_pre_hook(record, with_kwargs=True)
-        for module in model.modules()
-        if isinstance(module, kind)
-    ]
-    assert handles, f"{type(model).__name__} has no {kind.__name__}"
+    structure.modulated_deform_conv3x3 = recording
     try:
         yield dtypes
     finally:
-        for handle in handles:
-            handle.remove()
+        structure.modulated_deform_conv3x3 = original
 
 
 @contextmanager
@@ -428,7 +425,7 @@ def check_bf16_autocast(bench: Bench) -> dict[str, Any]:
     image = bench.image(bench.profile.check_size, seed=3)
     first_conv = model.encoder.stem[0]
     with (
-        recorded_input_dtypes(model, DeformConv2d) as deform_dtypes,
+        recorded_deform_input_dtypes() as deform_dtypes,
         recorded_output_dtypes(first_conv) as conv_dtypes,
     ):
         output = enhance(model, image, precision="bf16")
@@ -443,7 +440,7 @@ def check_bf16_autocast(bench: Bench) -> dict[str, Any]:
     trained = bench.fresh_model().to(bench.device).train()
     batch = bench.image(bench.profile.check_size, batch=2, seed=1)
     with (
-        recorded_input_dtypes(trained, DeformConv2d) as train_deform_dtypes,
+        recorded_deform_input_dtypes() as train_deform_dtypes,
         torch.autocast(bench.device.type, dtype=torch.bfloat16),
     ):
         loss = F.l1_loss(trained(batch).float(), clear_target(batch))
