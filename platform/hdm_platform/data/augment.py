@@ -101,9 +101,9 @@ class PairTransform:
     @staticmethod
     def _decode(data: bytes, field: str, where: str) -> np.ndarray:
         try:
-            return decode_rgb8(data, name=f"the {field} image")
+            return decode_rgb8(data, name=field)
         except ImageError as error:
-            raise CorruptPairError(f"{where}: {error}") from error
+            raise CorruptPairError(f"{where}: cannot decode the {field} image: {error}") from error
 
     def _crop(
         self, source: np.ndarray, target: np.ndarray, rng: np.random.Generator
