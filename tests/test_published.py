@@ -311,18 +311,18 @@ def test_hdm_evaluate_scores_the_reference_output(converted, sots_scene, tmp_pat
 
 def test_register_makes_a_version_tagged_with_its_origin_once(published_file, tmp_path, mlflow_server):
     arguments = ["model", "import-published", str(published_file), "-o", str(tmp_path / "ckpt"),
-                 "--register", "--task", "dehaze", "--tracking-uri", mlflow_server]  # fmt: skip
+                 "--register", "--task", "dehaze", "--tracking-uri", mlflow_server, "--name", "hdm-published-test"]  # fmt: skip
     first = invoke(*arguments)
-    assert "registered: hdm-dehaze v" in first
-    version = first.split("registered: hdm-dehaze v")[1].split()[0]
+    assert "registered: hdm-published-test v" in first
+    version = first.split("registered: hdm-published-test v")[1].split()[0]
     again = invoke(*arguments, "--alias", "published")
-    assert f"already registered: hdm-dehaze v{version}" in again
+    assert f"already registered: hdm-published-test v{version}" in again
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    registered = client.get_model_version("hdm-dehaze", version)
+    registered = client.get_model_version("hdm-published-test", version)
     assert registered.tags["hdm.origin"] == "published"
     assert registered.tags["hdm.origin_file"] == "hdm_haze_sots.pk"
     assert registered.tags["hdm.origin_code"] == "https://github.com/DongLiangSXU/HDM"
-    assert client.get_model_version_by_alias("hdm-dehaze", "published").version == version
+    assert client.get_model_version_by_alias("hdm-published-test", "published").version == version
     model = load_checkpoint(tmp_path / "ckpt")
-    served = load_registered(f"models:/hdm-dehaze/{version}", tracking_uri=mlflow_server)
+    served = load_registered(f"models:/hdm-published-test/{version}", tracking_uri=mlflow_server)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), served.state_dict().values(), strict=True))

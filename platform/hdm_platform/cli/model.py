@@ -143,9 +143,11 @@ def list_models(task: str, tracking_uri: str | None, name: str | None) -> None:
 @click.option("--task", type=click.Choice(TASKS), default="dehaze", show_default=True)
 @click.option("--alias", default=None, help="With --register: point this alias at the version.")
 @click.option("--tracking-uri", default=None, help="Default: $MLFLOW_TRACKING_URI, else local SQLite.")
+@click.option("--name", default=None, help="Registered model name (default: hdm-TASK).")
 def import_published(
-    file: str, out_dir: str, register: bool, task: str, alias: str | None, tracking_uri: str | None
-) -> None:
+    file: str, out_dir: str, register: bool, task: str, alias: str | None, tracking_uri: str | None,
+    name: str | None,
+) -> None:  # fmt: skip
     """Convert the authors' published weights FILE (hdm_haze_sots.pk) into a checkpoint."""
     from hdm_model.published import PublishedCheckpointError
     from hdm_model.published import import_published as convert
@@ -165,7 +167,7 @@ def import_published(
     if register:
         from hdm_platform.tracking.imports import register_imported
 
-        name = registered_model_name(task)
+        name = name or registered_model_name(task)
         origin = {f"hdm.{key}": str(metadata[key]) for key in metadata if key.startswith("origin")}
         version, created = register_imported(
             out_dir, name=name, task=task, alias=alias, origin_tags=origin,
