@@ -31,18 +31,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import boto3
 import numpy as np
 import ray
-import s3fs
 import skimage.data
 import torch
 from PIL import Image
@@ -53,44 +48,12 @@ from hdm_platform.config import load_config
 from hdm_platform.data.storage import list_files, open_filesystem
 from hdm_platform.imageio import encode_image, read_image
 from hdm_platform.model_refs import load_enhancer
+from s3_process import start_s3
 
 PROJECT = Path(__file__).resolve().parents[1]
 BUCKET = "bench"
 GOAL_RATIO = 0.9
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start_s3() -> subprocess.Popen:
-    """A moto S3 server in its own process (in this one it would share the GIL with the loop)."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"moto_server did not start on port {port}") from None
-            time.sleep(0.2)
-    # Set before Ray starts, so that its workers inherit them.
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-    )  # fmt: skip
-    s3fs.S3FileSystem.clear_instance_cache()
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-    return server
 
 
 def upload_photos(prefix: str, size: int, count: int) -> None:
@@ -147,7 +110,7 @@ def main() -> None:
         threads = max(1, cores // actors)
         cases.append((f"ray data, {actors} actor(s) x {threads} threads", {"actors": actors, "threads_per_actor": threads}))
 
-    server = _start_s3()
+    server = start_s3(BUCKET)[0]
     try:
         with tempfile.TemporaryDirectory() as folder:
             torch.manual_seed(0)

@@ -34,18 +34,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import boto3
 import numpy as np
 import ray
-import s3fs
 import torch
 from PIL import Image
 from ray.data import DataContext
@@ -60,6 +55,7 @@ from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import build_dataset, iter_pairs
 from hdm_platform.data.synth import synthesize
 from hdm_platform.data.shard_writer import DatasetWriter, Row
+from s3_process import start_s3
 
 
 def _decode_cv2(data: bytes) -> np.ndarray:
@@ -114,46 +110,6 @@ class PairedPNGFolder(Dataset):
         return tuple(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))) for image in images)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start_s3() -> tuple[subprocess.Popen, str]:
-    """A moto S3 server in its own process, as S3 is a service apart from the reader.
-
-    (In the benchmark's own process its request handling would share the GIL with the
-    consumer of the batches.)
-    """
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"moto_server did not start on port {port}") from None
-            time.sleep(0.2)
-    # Set before ray.init so that the Ray workers inherit the credentials too.
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=endpoint,
-    )
-    s3fs.S3FileSystem.clear_instance_cache()
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-    return server, endpoint
-
-
 def _replicate(manifest: Manifest, uri: str, copies: int, shard_size: int) -> Manifest:
     """A dataset at ``uri`` holding every train pair of ``manifest`` ``copies`` times."""
     rows = manifest.read_table("train").to_pylist()
@@ -202,7 +158,7 @@ def main() -> None:
     parser.add_argument("--warm-passes", type=int, default=3)
     args = parser.parse_args()
 
-    server, endpoint = _start_s3()
+    server, endpoint = start_s3("bench")
     try:
         uri = "s3://bench/synth-dehaze"
         started = time.perf_counter()
