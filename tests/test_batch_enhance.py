@@ -39,6 +39,9 @@ from hdm_platform.cli import main
 from hdm_platform.cli.enhance import _model_references
 from hdm_platform.imageio import read_image
 
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 

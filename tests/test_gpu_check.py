@@ -22,6 +22,9 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 SECTIONS = ["model", "inference", "compile", "training"]
 MODEL_CHECKS = [
     "forward_backward",

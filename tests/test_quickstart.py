@@ -22,6 +22,9 @@ import requests
 from mlflow import MlflowClient
 from PIL import Image
 
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 HDM = str(Path(sys.executable).parent / "hdm")
 PAIRS = 64

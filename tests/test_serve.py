@@ -64,6 +64,9 @@ from serving import (
 from hdm_model import build_hdm, dcp_region_masks, variant_config
 from hdm_model.published import import_published
 
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 CONFIGS = Path(__file__).resolve().parents[1] / "serve_configs"
 #: Each config and the tasks it serves; all but local.yaml on GPUs.
 CONFIG_TASKS = {

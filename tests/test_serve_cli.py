@@ -14,6 +14,9 @@ from click.testing import CliRunner
 from hdm_platform.cli.serve import serve
 from serving import MAIN_APP, STRICT_APP, replica_pids
 
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 CONFIGS = Path(__file__).resolve().parents[1] / "serve_configs"
 SCRATCH_APP = "scratch"
 

@@ -25,6 +25,9 @@ from hdm_platform.cli.submit import (
 )
 from serving import stop_head
 
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 PROJECT = Path(__file__).resolve().parents[1]
 TINY = "jobs/configs/tiny-cpu.yaml"
 

@@ -30,6 +30,9 @@ from hdm_platform.tracking.registry import load_registered
 from hdm_platform.train.driver import fit, preflight
 from hdm_platform.train.loop import FaultInjection
 
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 REGISTERED = "hdm-train-test"
 
 

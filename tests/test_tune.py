@@ -33,6 +33,9 @@ from hdm_platform.config import load_config
 from hdm_platform.data.synth import synthesize
 from hdm_platform.tracking.registry import load_registered
 
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 REGISTERED = "hdm-tune-test"
 GOOD_LR, TINY_LR = 3e-3, 1e-6
 MAX_T = 3  # validations (= epochs) a trial may run

@@ -17,6 +17,9 @@ import requests
 from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
+# Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
