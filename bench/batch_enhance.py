@@ -18,12 +18,14 @@ Times are whole runs, as the command's summary reports them (``--rounds`` of eve
 alternating between the sides, since a shared machine drifts; medians reported): listing, the actors' start
 (a worker process importing torch and loading the model, a second or two) and the stream;
 Ray's own start-up is excluded, the baseline's model load included. Prints images/s per
-side and the ratio Ray / local (goal: at least 0.9 on 2 cores).
+side and the ratio Ray / local (goal: at least 0.9 on 2 cores). The Ray side pays a fixed
+start-up (its actors are new processes importing torch), so the default counts are minutes
+of work, a small batch job; fewer images measure mostly that start-up.
 
 The model is a random-weight HDM of the quickstart's size (jobs/configs/quickstart-cpu.yaml:
 32 channels, 1 group x 2 blocks, 5 regions); the timing does not depend on the weights.
 
-    .venv/bin/python bench/batch_enhance.py [--sizes 256 1024] [--images 200 24] [--actors-scan 1] [--rounds 1]
+    .venv/bin/python bench/batch_enhance.py [--sizes 256 1024] [--images 1000 48] [--actors-scan 1] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def on_ray(source: str, destination: str, checkpoint: str, count: int, **pool: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--images", type=int, nargs="+", default=[200, 24], help="images of each size")
+    parser.add_argument("--images", type=int, nargs="+", default=[1000, 48], help="images of each size")
     parser.add_argument(
         "--actors-scan", type=int, nargs="*", default=[1], help="also run with these actor counts"
     )

@@ -25,7 +25,9 @@ import s3fs
 import torch
 from PIL import Image
 from ray.data import DataContext
+from ray.data.dataset import MaterializedDataset
 
+from hdm_platform.data import pipeline
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import (
     CorruptPairError,
@@ -237,6 +239,20 @@ def test_validation_is_deterministic_full_size_or_centre_cropped(ray_cluster, da
     centre = by_id(build_dataset(dataset_uri, "val", crop_size=CROP, train=False))
     source, _ = centre["val/1"]  # 30 wide, 26 high
     np.testing.assert_allclose(source, coordinate_image(30, 26, 1)[5:21, 7:23].transpose(2, 0, 1), atol=1e-3)
+
+
+def test_a_small_validation_split_is_decoded_once_and_a_large_one_streams(ray_cluster, dataset_uri, monkeypatch):
+    kept = build_dataset(dataset_uri, "val", crop_size=None, train=False, keep_decoded=True)
+    # Decoded now: later passes read the kept blocks and plan no read or decode task.
+    assert isinstance(kept, MaterializedDataset)
+    streamed = build_dataset(dataset_uri, "val", crop_size=None, train=False)
+    for first, second in zip(iter_pairs(kept, batch_size=1), iter_pairs(streamed, batch_size=1), strict=True):
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    monkeypatch.setattr(pipeline, "KEEP_DECODED_MAX_SHARD_BYTES", 10)
+    large = build_dataset(dataset_uri, "val", crop_size=None, train=False, keep_decoded=True)
+    assert not isinstance(large, MaterializedDataset)
+    with pytest.raises(ValueError, match="training crops change every epoch"):
+        build_dataset(dataset_uri, "train", crop_size=CROP, train=True, keep_decoded=True)
 
 
 def test_reads_shards_from_s3(ray_cluster, s3_bucket):

@@ -5,6 +5,7 @@ test)."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,10 @@ def test_up_adds_an_application_status_lists_it_and_down_removes_only_it(
     assert up.exit_code == 0, up.output
     scratch_url = f"{served_app.base_url}/{SCRATCH_APP}"
     assert f"{SCRATCH_APP}: RUNNING  {scratch_url}" in up.output
+    # While it waits: one line each time the applications' state changes, the last one all running.
+    progress = [line for line in up.output.splitlines() if re.match(r"\[\s*\d+ s\] ", line)]
+    assert progress and len(set(progress)) == len(progress)
+    assert f"{SCRATCH_APP} RUNNING (" in progress[-1] and "derain 1/1" in progress[-1]
     assert requests.get(f"{scratch_url}/healthz", timeout=60).json()["tasks"] == ["derain"]
     # Deploying the same config again restarted nothing.
     assert {task: replica_pids(served_app, MAIN_APP, task) for task in before} == before

@@ -15,6 +15,7 @@ import csv
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -185,6 +186,14 @@ def test_interrupted_sweep_resumes_and_reports(ray_cluster, dataset, mlflow_serv
         (error_file,) = experiment_dir.glob(f"run_trial_{failed['trial']}_*/error.txt")
         assert "Failure # 2" in error_file.read_text()
     assert "stopped early" in result.output and f"challenger:         {REGISTERED} v1" in result.output
+    # One display: the sweep's lines (captured output: one per trial event), not Tune's
+    # status box; the resumed driver shows them too (Tune restores the callback).
+    first_output, resumed_output = log_path.read_text(), result.output
+    assert "started (train.lr=" in first_output and "val_psnr" in first_output
+    assert "Trial status:" not in first_output
+    assert re.search(r"^\[\d+:\d\d\] trial \S+ ", resumed_output, flags=re.MULTILINE)
+    both = first_output + resumed_output
+    assert "ended | " in both and "failed (its error is in the table at the end)" in both
 
     # The best trial's config is a valid, ready-to-run experiment.
     best = load_config(out_dir / "best-config.yaml")

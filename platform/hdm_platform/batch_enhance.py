@@ -170,9 +170,9 @@ def plan_actor_pool(
 
     With GPUs (and ``device`` not ``"cpu"``): one actor per GPU. Otherwise CPU actors of
     ``threads_per_actor`` torch threads (default 1), as many as fit on each node with one
-    CPU left there for the read and write tasks. One-thread replicas, one per core, beat
-    fewer wide ones on this network's small convolutions: 1.3-3x the images/s of one
-    2-thread actor on 2 cores at 256x256, and no slower at 1024x1024
+    CPU left there for the read and write tasks. One-thread replicas, one per core, are
+    no slower than fewer wide ones on this network's small convolutions: on 2 cores they
+    tie one 2-thread actor at 256x256 and give 1.1x its images/s at 1024x1024
     (bench/batch_enhance.py, bench/RESULTS.md). ``actors`` overrides the count (an
     autoscaling cluster may not show its nodes yet).
     """

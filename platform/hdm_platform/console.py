@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hdm_platform.config import local_home
 
-__all__ = ["VERBOSE_VARIABLE", "configure_logging", "is_verbose"]
+__all__ = ["VERBOSE_VARIABLE", "configure_logging", "is_verbose", "quiet_ray_options"]
 
 VERBOSE_VARIABLE = "HDM_VERBOSE"
 _QUIET_LIBRARIES = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock")
@@ -25,6 +25,12 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def is_verbose() -> bool:
     return os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
+
+
+def quiet_ray_options() -> dict[str, bool | int]:
+    """``ray.init`` settings for a driver that shows its own progress: the workers' output
+    and Ray's INFO logs reach the console only with ``-v`` (they are in Ray's log files)."""
+    return {"log_to_driver": is_verbose(), "logging_level": logging.INFO if is_verbose() else logging.WARNING}
 
 
 def configure_logging(command: str) -> Path:

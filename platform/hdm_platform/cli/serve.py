@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,13 @@ def up(config: Path, address: str, wait: bool, timeout: float, overrides: tuple[
         click.echo(f"deploying {', '.join(names)} from {config}")
         if not wait:
             return
+        started = time.monotonic()
+
+        def show(line: str) -> None:
+            click.echo(f"[{time.monotonic() - started:4.0f} s] {line}")
+
         try:
-            wait_until_running(names, address=address, headers=headers, timeout_s=timeout)
+            wait_until_running(names, address=address, headers=headers, timeout_s=timeout, on_progress=show)
         except (DeployFailedError, TimeoutError) as error:
             raise click.ClickException(str(error)) from None
         details = serve_details(address=address, headers=headers)

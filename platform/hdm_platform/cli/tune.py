@@ -38,9 +38,11 @@ def tune(
     config and model are saved: the config as a ready-to-run YAML, the model as the
     'challenger' of the task's registered model.
     """
+    from hdm_platform.console import configure_logging
     from hdm_platform.tune.driver import run_sweep
     from hdm_platform.tune.space import load_space
 
+    click.echo(f"logs: {configure_logging('tune')} (Ray's worker logs: /tmp/ray/session_latest/logs; -v shows both)")
     try:
         experiment = load_config(config_path, overrides)
         space = load_space(space_path)

@@ -53,6 +53,7 @@ __all__ = [
     "CorruptPairError",
     "CROPPED_DECODE_BATCH_SIZE",
     "FULL_IMAGE_DECODE_BATCH_SIZE",
+    "KEEP_DECODED_MAX_SHARD_BYTES",
     "PairTransform",
     "build_dataset",
     "iter_pairs",
@@ -64,6 +65,11 @@ __all__ = [
 # pairs are 6 bytes per pixel and a batch of 12-megapixel photos must fit a worker's heap.
 CROPPED_DECODE_BATCH_SIZE = 32
 FULL_IMAGE_DECODE_BATCH_SIZE = 8
+#: A split built with ``keep_decoded`` whose shards hold at most this many bytes is decoded
+#: once and its pairs kept in Ray's object store (``Dataset.materialize``): a validation set
+#: read every epoch then costs no read or decode tasks (no worker processes to start) after
+#: the first pass. Decoded pairs take a few times their encoded size.
+KEEP_DECODED_MAX_SHARD_BYTES = 32 * 2**20
 
 _SOURCE_COLUMNS = ["id", "input", "target"]
 
@@ -85,6 +91,7 @@ def build_dataset(
     storage_options: dict | None = None,
     augment: bool = True,
     decode_batch_size: int | None = None,
+    keep_decoded: bool = False,
 ) -> ray.data.Dataset:
     """A streaming Ray dataset of decoded pairs of one split of a dataset.
 
@@ -108,11 +115,16 @@ def build_dataset(
             ``map_batches`` batch size (read units are then this many pairs or one row
             group, whichever is larger); by default
             :data:`CROPPED_DECODE_BATCH_SIZE` with a crop, else :data:`FULL_IMAGE_DECODE_BATCH_SIZE`.
+        keep_decoded: For a split read as it is every pass (not ``train``): decode it now,
+            once, and keep the pairs in Ray's object store when its shards hold at most
+            :data:`KEEP_DECODED_MAX_SHARD_BYTES`; a larger split streams as usual.
 
     Returns:
         Rows ``{"id": str, "input": uint8 [3, h, w], "target": uint8 [3, h, w]}``;
         :func:`iter_pairs` turns them into float32 in [0, 1] on the consuming worker.
     """
+    if train and keep_decoded:
+        raise ValueError("keep_decoded is for splits read alike every pass; training crops change every epoch")
     if train and crop_size is None:
         raise ValueError("training needs a crop_size: batches of full images differ in shape")
     if crop_size is not None and crop_size < 1:
@@ -149,6 +161,8 @@ def build_dataset(
     if not train:
         # Validation metrics and saved images come out in the same order every pass.
         pairs.context.execution_options.preserve_order = True
+        if keep_decoded and sum(shard.bytes for shard in manifest.splits[split].shards) <= KEEP_DECODED_MAX_SHARD_BYTES:
+            return pairs.materialize()
     return pairs
 
 

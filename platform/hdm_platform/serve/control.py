@@ -11,7 +11,7 @@ task's deployment, through its deployment handle, to load its model again.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "APP_IMPORT_PATHS",
     "DeployFailedError",
     "deploy",
+    "deploy_progress",
     "read_serve_config",
     "reload_task",
     "remove_application",
@@ -123,14 +124,21 @@ def wait_until_running(
     headers: Mapping[str, str],
     timeout_s: float,
     poll_s: float = 2.0,
+    on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Poll until every application in ``names`` is RUNNING; their details.
 
-    Raises ``DeployFailedError`` as soon as one fails, ``TimeoutError`` after ``timeout_s``.
+    ``on_progress`` gets a one-line state of the applications (:func:`deploy_progress`)
+    whenever it changes. Raises ``DeployFailedError`` as soon as one fails,
+    ``TimeoutError`` after ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
+    shown = None
     while True:
         applications = serve_details(address=address, headers=headers).get("applications", {})
+        if on_progress is not None and (line := deploy_progress(names, applications)) != shown:
+            on_progress(line)
+            shown = line
         for name in names:
             status = applications.get(name, {}).get("status")
             if status in ("DEPLOY_FAILED", "UNHEALTHY"):
@@ -145,6 +153,22 @@ def wait_until_running(
             }
             raise TimeoutError(f"applications not RUNNING after {timeout_s:g} s: {waiting}")
         time.sleep(poll_s)
+
+
+def deploy_progress(names: Iterable[str], applications: Mapping[str, Any]) -> str:
+    """One line: each application's status and its deployments' running replicas, e.g.
+    ``hdm DEPLOYING (ingress 1/1, dehaze 0/2)``."""
+    parts = []
+    for name in names:
+        app = applications.get(name, {})
+        deployments = ", ".join(
+            f"{deployment_name} "
+            f"{sum(replica['state'] == 'RUNNING' for replica in deployment.get('replicas', []))}"
+            f"/{deployment.get('target_num_replicas', '?')}"
+            for deployment_name, deployment in app.get("deployments", {}).items()
+        )
+        parts.append(f"{name} {app.get('status', 'NOT_STARTED')}" + (f" ({deployments})" if deployments else ""))
+    return "; ".join(parts)
 
 
 def wait_until_removed(

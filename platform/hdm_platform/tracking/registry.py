@@ -13,12 +13,16 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow.artifacts
 import torch
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+# MLflow is imported where it is used (seconds of start-up): a model actor or replica that
+# loads a checkpoint folder never needs it.
 
 __all__ = [
     "MODEL_FILES",
@@ -40,6 +44,8 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 def registry_client(tracking_uri: str | None = None) -> MlflowClient:
     """A client whose registry is the tracking server (``None``: MLflow's usual lookup)."""
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -61,6 +67,8 @@ def register_model(
     The registered model is created on first use; ``alias``, when given, is moved to the
     new version.
     """
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(name)
     except MlflowException as error:
@@ -75,6 +83,8 @@ def register_model(
 
 def set_alias(client: MlflowClient, *, name: str, version: int | str, alias: str) -> ModelVersion:
     """Point ``alias`` at ``version`` of ``name`` (moving it from any other version)."""
+    from mlflow.exceptions import MlflowException
+
     try:
         found = client.get_model_version(name, str(version))
     except MlflowException as error:
@@ -99,6 +109,8 @@ def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
             f"model URI {uri!r} is not of the form models:/NAME@ALIAS or models:/NAME/VERSION"
         )
     name = match["name"]
+    from mlflow.exceptions import MlflowException
+
     try:
         if match["alias"]:
             return client.get_model_version_by_alias(name, match["alias"])
@@ -111,6 +123,9 @@ def download_model_files(
     uri: str, destination: str | Path, *, tracking_uri: str | None = None
 ) -> tuple[Path, ModelVersion]:
     """Download only :data:`MODEL_FILES` of the version ``uri`` names into ``destination``."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
     version = resolve_version(registry_client(tracking_uri), uri)
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)

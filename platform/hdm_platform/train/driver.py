@@ -42,7 +42,7 @@ from ray.train.torch import TorchTrainer
 
 from hdm_model.losses import VGG_WEIGHTS_HELP
 from hdm_platform.config import ConfigError, ExperimentConfig
-from hdm_platform.console import is_verbose
+from hdm_platform.console import is_verbose, quiet_ray_options
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import build_dataset
 from hdm_platform.data.storage import open_filesystem
@@ -176,6 +176,8 @@ def build_trainer(
             crop_size=data.val_crop_size,
             train=False,
             storage_options=options,
+            # Validated every epoch: a small set is decoded once per run, not per validation.
+            keep_decoded=True,
         ),
     }
     settings = LoopSettings(
@@ -223,8 +225,8 @@ def local_ray_resources(config: ExperimentConfig) -> dict[str, Any]:
     each worker's torch threads still follow ``scaling.cpus_per_worker``.
     """
     # Worker output reaches the console through the driver's progress display, and
-    # everything with -v (hdm_platform.console).
-    quiet = {"log_to_driver": is_verbose(), "logging_level": logging.INFO if is_verbose() else logging.WARNING}
+    # everything with -v.
+    quiet = quiet_ray_options()
     if os.environ.get("RAY_ADDRESS"):
         return quiet
     workers = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker)

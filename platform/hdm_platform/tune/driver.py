@@ -38,10 +38,12 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from hdm_platform.console import is_verbose, quiet_ray_options
 from hdm_platform.config import ConfigError, ExperimentConfig, apply_overrides, local_home, validate_config
 from hdm_platform.tracking.mlflow_run import TrackedRun
 from hdm_platform.train.driver import CHECKPOINT_SCORE, build_trainer, export_model, preflight, ray_storage
 from hdm_platform.tune.ablations import PAPER_TABLES, check_paper_table, render_paper_table
+from hdm_platform.tune.progress import SweepProgress
 from hdm_platform.tune.report import (
     TrialRow,
     best_row,
@@ -153,16 +155,20 @@ def max_concurrent_trials(
 
 
 def local_sweep_resources(experiment: ExperimentConfig) -> dict[str, Any]:
-    """``ray.init`` arguments: none for a cluster (``RAY_ADDRESS``), CPUs for a local Ray.
+    """``ray.init`` arguments: the console settings, and CPUs for a local Ray (none for a
+    cluster at ``RAY_ADDRESS``).
 
     A local Ray gets at least the CPUs of one trial plus the data pipeline's, so that the
     smallest sweep runs on a laptop with fewer cores (logical CPUs only schedule work).
     """
+    # The trials' output reaches the console through the sweep's display, and all of it
+    # with -v.
+    quiet = quiet_ray_options()
     if os.environ.get("RAY_ADDRESS"):
-        return {}
+        return quiet
     scaling = experiment.scaling
     one_trial = math.ceil(scaling.num_workers * scaling.cpus_per_worker + TRIAL_DRIVER_CPUS)
-    return {"num_cpus": max(os.cpu_count() or 1, one_trial + DATA_PIPELINE_CPUS)}
+    return {**quiet, "num_cpus": max(os.cpu_count() or 1, one_trial + DATA_PIPELINE_CPUS)}
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,9 @@ def _tuner(
             storage_path=location.storage_path,
             storage_filesystem=location.filesystem,
             failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
+            # One display: the sweep's table; Tune's own status output only with -v.
+            verbose=None if is_verbose() else 0,
+            callbacks=[SweepProgress(list(space.params))],
         ),
     )
 

@@ -27,6 +27,7 @@ __all__ = [
     "TrialRow",
     "best_row",
     "collect_rows",
+    "format_cell",
     "format_table",
     "plot_val_psnr",
     "write_best_config",
@@ -125,7 +126,7 @@ def format_table(rows: Sequence[TrialRow], keys: Sequence[str]) -> str:
     best = best_row(rows)
     grid = [_columns(keys)]
     for row in rows:
-        cells = [_format_cell(value) for value in _values(row, keys)]
+        cells = [format_cell(value) for value in _values(row, keys)]
         cells[0] = f"{cells[0]}{' *' if row is best else ''}"
         grid.append(cells)
     widths = [max(len(line[column]) for line in grid) for column in range(len(grid[0]))]
@@ -156,7 +157,7 @@ def plot_val_psnr(rows: Sequence[TrialRow], keys: Sequence[str], path: Path, *, 
         if not row.history:
             continue
         epochs, psnr = zip(*row.history, strict=True)
-        values = ", ".join(f"{key.rsplit('.', 1)[-1]}={_format_cell(row.params.get(key))}" for key in keys)
+        values = ", ".join(f"{key.rsplit('.', 1)[-1]}={format_cell(row.params.get(key))}" for key in keys)
         (line,) = axes.plot(epochs, psnr, marker="o", markersize=3, label=f"{row.trial_id}: {values}")
         if row.stopped_early:
             axes.plot(epochs[-1], psnr[-1], marker="x", markersize=10, color=line.get_color())
@@ -193,7 +194,7 @@ def write_best_config(
     return config
 
 
-def _format_cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
