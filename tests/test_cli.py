@@ -46,6 +46,27 @@ def test_an_unexpected_failure_is_one_line_naming_the_uri_and_v_shows_the_traceb
     assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
 
 
+def test_an_mlflow_server_that_is_down_is_named_at_once(tmp_path):
+    # Nobody listens on port 9: MLflow's client alone would retry with back-off for minutes.
+    environment = {**os.environ, "HDM_HOME": str(tmp_path)}
+    for arguments in (["model", "list", "dehaze"], ["model", "promote", "dehaze", "3"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "hdm_platform.cli", *arguments, "--tracking-uri", "http://127.0.0.1:9"],
+            capture_output=True, text=True, env=environment, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "MLflow tracking server http://127.0.0.1:9 is not reachable" in lines[0], result.stderr
+
+
+def test_serve_reload_names_a_ray_address_nobody_answers_on():
+    result = CliRunner().invoke(main, ["serve", "reload", "dehaze", "--address", "127.0.0.1:9"])
+    assert result.exit_code == 1
+    assert "cannot reach the Ray cluster at 127.0.0.1:9" in result.output.strip().splitlines()[-1]
+    malformed = CliRunner().invoke(main, ["serve", "reload", "dehaze", "--address", "no-port"])
+    assert malformed.exit_code == 2 and "'no-port' is not HOST:PORT" in malformed.output
+
+
 def test_bash_completion_script_is_generated():
     completion = subprocess.run(
         [sys.executable, "-m", "hdm_platform.cli"], capture_output=True, text=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,6 +154,20 @@ def down(address: str, app_name: str | None, yes: bool, timeout: float) -> None:
     click.echo(f"removed {what}")
 
 
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """An explicit ``HOST:PORT`` that nothing answers on fails at once: ``ray.init`` would
+    wait for the cluster for a minute or more."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"{address!r} is not HOST:PORT", param_hint="--address")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise click.ClickException(f"cannot reach the Ray cluster at {address}: {error}") from None
+
+
 @serve.command()
 @click.argument("task", type=click.Choice(TASKS))
 @click.option(
@@ -172,6 +187,7 @@ def reload(task: str, app_name: str, address: str | None, timeout: float) -> Non
     import ray
     from ray.serve.exceptions import RayServeException
 
+    _check_reachable(address)
     try:
         ray.init(address=address or "auto", log_to_driver=False)
     except ConnectionError as error:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,10 +45,29 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 
 def registry_client(tracking_uri: str | None = None) -> MlflowClient:
-    """A client whose registry is the tracking server (``None``: MLflow's usual lookup)."""
+    """A client whose registry is the tracking server (``None``: MLflow's usual lookup).
+
+    A server that does not answer its health check fails here, at once, with its URI: MLflow's
+    own client would retry every request with back-off for minutes.
+    """
+    import mlflow
     from mlflow import MlflowClient
 
+    _check_server(tracking_uri or mlflow.get_tracking_uri())
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _check_server(uri: str, timeout_s: float = 10.0) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers: the request itself will say what is wrong
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(f"MLflow tracking server {uri} is not reachable: {reason}") from None
 
 
 def is_registry_uri(uri: str) -> bool:
