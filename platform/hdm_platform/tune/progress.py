@@ -94,7 +94,7 @@ class SweepProgress(Callback):
     def _summary(self, statuses: Mapping[str, str]) -> str:
         counts = [f"{sum(status == name for status in statuses.values())} {name}" for name in ("running", "pending", "ended", "failed")]
         scored = [(scores.best_psnr, trial_id) for trial_id, scores in self._scores.items() if scores.best_psnr is not None]
-        best = f"best val_psnr {max(scored)[0]:.2f} ({max(scored)[1]})" if scored else "no validation yet"
+        best = "best val_psnr {:.2f} ({})".format(*max(scored)) if scored else "no validation yet"
         return f"{', '.join(counts)}; {best}"
 
     def _table(self, trials: list[Any], statuses: Mapping[str, str]) -> list[str]:
