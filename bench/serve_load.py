@@ -8,7 +8,11 @@ the last answer), p50/p95/p99 latency, errors (connection failures, non-200 answ
 answers that are not a PNG of the input's size), the mean batch the replica ran
 (``X-Batch-Size``) and the replica's network time per image (``X-Inference-Time-Ms`` over
 the batch size): next to the in-process time it tells transport and codec overhead from a
-replica slowed by other work on the machine.
+replica slowed by other work on the machine. Under each case, where a request's time went
+(means, from the ingress's ``Server-Timing``): upload (read + decode), the handle call
+split into the network's batch (``X-Inference-Time-Ms``) and the rest of the call (queue,
+batch wait, the tensors' transfer), encode, and outside the ingress (Serve's proxy, HTTP,
+the client).
 
 Baseline, measured in the same run before and after each size's cases (their mean; both
 are printed, since a shared machine drifts): the enhancer
@@ -111,6 +115,9 @@ class CaseResult:
     latencies_s: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     network_ms_per_image: list[float] = field(default_factory=list)
+    #: Per answered request: ms of upload, handle call, encode (``Server-Timing``) and the
+    #: network's batch (``X-Inference-Time-Ms``).
+    phases_ms: list[dict[str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -129,6 +136,32 @@ def _png_size(body: bytes) -> tuple[int, int] | None:
             return image.size if image.format == "PNG" else None
     except OSError:
         return None
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``"upload;dur=1.5, model;dur=130.2"`` -> ``{"upload": 1.5, "model": 130.2}``."""
+    phases = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        phases[name] = float(duration)
+    return phases
+
+
+def time_breakdown(result: CaseResult) -> str:
+    """Where a request's time went, in ms (means over the case's answered requests)."""
+    if not result.phases_ms:
+        return "    no answered request"
+
+    def mean(phase: str) -> float:
+        return statistics.fmean(phases[phase] for phases in result.phases_ms)
+
+    outside = 1000.0 * statistics.fmean(result.latencies_s) - mean("upload") - mean("model") - mean("encode")
+    return (
+        f"    ms per request: upload {mean('upload'):.1f}, handle call {mean('model'):.0f} "
+        f"(network's batch {mean('network'):.0f}, queue + batch wait + transfer "
+        f"{mean('model') - mean('network'):.0f}), encode {mean('encode'):.1f}, "
+        f"outside the ingress {outside:.1f}"
+    )
 
 
 def http_load(
@@ -174,6 +207,9 @@ def http_load(
                         result.batch_sizes.append(batch)
                         network_ms = float(response.getheader("X-Inference-Time-Ms"))
                         result.network_ms_per_image.append(network_ms / batch)
+                        result.phases_ms.append(
+                            {**server_timing(response.getheader("Server-Timing")), "network": network_ms}
+                        )
         finally:
             connection.close()
 
@@ -250,6 +286,7 @@ def run_cases(
                 f"{_mean(result.batch_sizes):>5.2f} {_mean(result.network_ms_per_image):>10.0f} "
                 f"{in_process:>7.2f} {ratio:>6.2f}{' *' if missed else ''}"
             )
+            rows.append(time_breakdown(result))
             for error in sorted(set(result.errors)):
                 rows.append(f"    error: {error}")
     return rows

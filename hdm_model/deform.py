@@ -39,9 +39,10 @@ __all__ = [
 Implementation = Literal["torchvision", "gather"]
 
 IMPLEMENTATION_BY_DEVICE: dict[str, Implementation] = {
-    # 2-core AMD EPYC VM (AVX2), torch 2.14.1, 64 channels at 128x128 (a 512x512 image),
-    # one thread: forward 4x torchvision's (52 vs 207 ms), forward + backward 10x
-    # (206 vs 2028 ms); bench/RESULTS.md, "Structure level".
+    # 2-core AMD EPYC VM (AVX2), torch 2.14.1, 2 threads (bench/deform.py): forward at
+    # 64 channels x 128x128 (a 512x512 image) 7.0x torchvision's (30.5 vs 213.5 ms),
+    # forward + backward on 8 x 64 x 64 x 64 7.2x (396 vs 2843 ms); bench/RESULTS.md,
+    # "Session 8: the gather deformable conv".
     "cpu": "gather",
 }
 """The faster implementation per ``torch.device.type``, as measured; devices not listed

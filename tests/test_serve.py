@@ -257,6 +257,14 @@ def test_http_result_equals_hdm_enhance_on_the_same_image_and_model(
     assert float(raw.headers["X-Inference-Time-Ms"]) > 0
     assert float(raw.headers["X-Processing-Time-Ms"]) >= float(raw.headers["X-Inference-Time-Ms"])
     assert raw.headers["X-Batch-Size"] == "1"
+    timing = {
+        name: float(duration.removeprefix("dur="))
+        for name, duration in (part.strip().split(";") for part in raw.headers["Server-Timing"].split(","))
+    }
+    assert list(timing) == ["upload", "model", "encode"]
+    assert all(duration > 0 for duration in timing.values())
+    assert timing["model"] >= float(raw.headers["X-Inference-Time-Ms"])
+    assert sum(timing.values()) == pytest.approx(float(raw.headers["X-Processing-Time-Ms"]), abs=0.2)
     model = {
         entry["task"]: entry
         for entry in requests.get(f"{served_app.base_url}/v1/models", timeout=TIMEOUT_S).json()

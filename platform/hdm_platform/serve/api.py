@@ -12,7 +12,10 @@ Routes (OpenAPI page at ``/docs``):
 Image responses carry ``X-Model-Version`` (per stage, comma-separated: ``NAME/VERSION``
 for a registered model, ``sha256:<12 hex>`` of the weights for a checkpoint folder),
 ``X-Inference-Time-Ms`` (time in the network, summed over stages),
-``X-Processing-Time-Ms`` (the whole request) and ``X-Batch-Size`` (per stage). Errors are
+``X-Processing-Time-Ms`` (the whole request), ``X-Batch-Size`` (per stage) and a W3C
+``Server-Timing`` header that splits the request's time in the ingress: ``upload`` (reading
+and decoding the body), ``model`` (the deployment handle calls: queueing, the tensor's
+transfer, the batch wait and the network) and ``encode`` (the output image). Errors are
 JSON (``errors.py``).
 """
 
@@ -96,6 +99,11 @@ _IMAGE_HEADERS = {
         "description": "Per stage: images in the batch.",
         "schema": {"type": "string"},
     },
+    "Server-Timing": {
+        "description": "Milliseconds in the ingress: upload (read + decode), model (the "
+        "handle calls), encode.",
+        "schema": {"type": "string"},
+    },
 }
 _UPLOAD_ERRORS = (
     "not_an_image",
@@ -162,18 +170,30 @@ async def _deadline(seconds: float) -> AsyncIterator[None]:
 
 
 async def _image_response(
-    responses: Sequence[DeploymentResponse], output_format: str, limits: Limits, started: float
+    responses: Sequence[DeploymentResponse],
+    output_format: str,
+    limits: Limits,
+    started: float,
+    uploaded: float,
 ) -> Response:
     """The enhanced image that ends a chain of deployment responses, encoded, with the
-    per-stage headers."""
+    per-stage headers; ``started`` and ``uploaded`` are when the request came in and when
+    its image was decoded (``time.perf_counter()``)."""
     result: Enhanced = await _result(responses, limits)
+    answered = time.perf_counter()
     body = await asyncio.to_thread(encode_image, result.image, output_format)
+    encoded = time.perf_counter()
     stages = result.stages
     headers = {
         "X-Model-Version": ",".join(stage.model_version for stage in stages),
         "X-Inference-Time-Ms": f"{sum(stage.inference_ms for stage in stages):.1f}",
-        "X-Processing-Time-Ms": f"{(time.perf_counter() - started) * 1000.0:.1f}",
+        "X-Processing-Time-Ms": f"{(encoded - started) * 1000.0:.1f}",
         "X-Batch-Size": ",".join(str(stage.batch_size) for stage in stages),
+        "Server-Timing": (
+            f"upload;dur={(uploaded - started) * 1000.0:.1f}, "
+            f"model;dur={(answered - uploaded) * 1000.0:.1f}, "
+            f"encode;dur={(encoded - answered) * 1000.0:.1f}"
+        ),
     }
     return Response(body, media_type=OUTPUT_MEDIA_TYPES[output_format], headers=headers)
 
@@ -282,7 +302,9 @@ def _add_image_routes(app: FastAPI, served: _ServedTasks, limits: Limits, metric
             handle = served.handle(task)
             async with _deadline(limits.request_timeout_s):
                 image = await read_image_upload(request, limits)
-                return await _image_response([handle.enhance.remote(image)], format, limits, started)
+                return await _image_response(
+                    [handle.enhance.remote(image)], format, limits, started, time.perf_counter()
+                )
 
     @app.post(
         "/v1/pipeline",
@@ -304,6 +326,7 @@ def _add_image_routes(app: FastAPI, served: _ServedTasks, limits: Limits, metric
             handles = [served.handle(task) for task in order]
             async with _deadline(limits.request_timeout_s):
                 image = await read_image_upload(request, limits)
+                uploaded = time.perf_counter()
                 # Each response is the next deployment's argument: Serve hands the result
                 # from replica to replica without bringing it back here in between.
                 responses: list[DeploymentResponse] = []
@@ -311,7 +334,7 @@ def _add_image_routes(app: FastAPI, served: _ServedTasks, limits: Limits, metric
                 for handle in handles:
                     upstream = handle.enhance.remote(upstream)
                     responses.append(upstream)
-                return await _image_response(responses, format, limits, started)
+                return await _image_response(responses, format, limits, started, uploaded)
 
     @app.post(
         "/v1/explain/{task}",
