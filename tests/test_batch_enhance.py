@@ -45,6 +45,24 @@ pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parents[1]
 
 
+def test_a_read_or_write_worker_does_not_import_the_model_libraries():
+    # Every Ray worker that runs a read or write task imports this module: torchvision (and
+    # torch._dynamo through its ops) and MLflow load only in the model's actors.
+    code = (
+        "import io, sys, json, numpy as np\n"
+        "from PIL import Image\n"
+        "from hdm_platform.batch_enhance import encode_and_write, read_and_decode_files\n"
+        "from hdm_platform.imageio import encode_image, read_image\n"
+        "buffer = io.BytesIO()\n"
+        "Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format='PNG')\n"
+        "encode_image(read_image(buffer.getvalue()), 'png')\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(run.stdout))
+    assert not loaded & {"torchvision", "mlflow", "torch._dynamo", "hdm_model.model"}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(s3_endpoint: str):
     context = ray.init(num_cpus=3, include_dashboard=False)

@@ -47,15 +47,15 @@ import ray.data
 import torch
 from tqdm import tqdm
 
-from hdm_model.inference import resolve_device, tile_for
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.shard_source import ShardDatasource, arrow_filesystem
 from hdm_platform.data.storage import is_remote, join_uri, list_files, open_filesystem, write_atomic
 from hdm_platform.imageio import IMAGE_SUFFIXES, encode_image, read_image
 
 # Every Ray worker that runs a task of this module imports it: the model's modules (MLflow,
-# torchvision, ...) load only where the model runs (EnhancePredictor, pin_reference), which
-# takes seconds off the start of each read and write worker.
+# torchvision and, through torchvision.ops, torch._dynamo) load only where the model runs
+# (EnhancePredictor, pin_reference), which takes seconds off the start of each read and
+# write worker.
 
 __all__ = [
     "FAILURES_NAME",
@@ -224,6 +224,7 @@ class EnhancePredictor:
         threads: int,
         storage_options: dict[str, Any] | None,
     ) -> None:
+        from hdm_model.inference import resolve_device
         from hdm_platform.model_refs import load_enhancer
 
         torch.set_num_threads(threads)
@@ -244,6 +245,8 @@ class EnhancePredictor:
     def _tiled(self, height: int, width: int) -> bool:
         """Tiled images (the shared rule, ``tile_for``) run one at a time: tiles bound one
         image's memory."""
+        from hdm_model.inference import tile_for
+
         return tile_for(height, width, self._tile) is not None
 
     def _run(self, images: torch.Tensor) -> np.ndarray:

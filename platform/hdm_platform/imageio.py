@@ -32,7 +32,6 @@ import pyspng
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from hdm_model.atomic import write_bytes_atomically
 
@@ -111,6 +110,10 @@ def _native_decoder(header: Image.Image, data: bytes) -> str | None:
 def _decode_native(decoder: str, data: bytes) -> np.ndarray:
     if decoder == "spng":
         return pyspng.load(data, format="RGB")
+    # Imported here: torchvision's package import (its models and ops, torch._dynamo) takes
+    # seconds, which every Ray worker that reads only 8-bit PNGs would otherwise pay.
+    from torchvision.io import ImageReadMode, decode_image
+
     pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     if pixels.dtype == torch.uint16:
         pixels = pixels.to(torch.float32).div_(257.0).round_().to(torch.uint8)
