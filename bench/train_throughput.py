@@ -12,10 +12,18 @@ machine and therefore, if anything, flatters the baseline. The goal is a ratio p
 times the baseline loop under bfloat16 autocast (on CPUs with bfloat16 instructions; elsewhere
 it is emulated), to decide whether ``train.precision=auto`` should pick bf16 on CPU, and the
 baseline loop with torchvision's deformable conv in place of the device's measured choice
-(``hdm_model.deform``), which is what that op gains training. ``--no-platform`` times only
-the plain loops.
+(``hdm_model.deform``), which is what that op gains training.
 
-    .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--crop 64] [--no-platform]
+Short epochs (issue 14): the quickstart's experiment (``jobs/configs/quickstart-cpu.yaml``:
+its model, batch, crop, 2 workers x 1 CPU, validation on the full images, a checkpoint per
+epoch) on a dataset of its size (480 synthetic 96x96 pairs, 5% validation), ``--epochs``
+epochs through ``fit``. An epoch's wall time is the time between two consecutive epochs'
+validation metrics in MLflow (their timestamps): its steps, its validation, its checkpoint
+and its logging. The baseline is the same number of steps of the same model, batch and crop
+in the plain loop (one process x 2 threads, mean step). Goal: plain / platform >= 0.9.
+``--no-platform`` times only the plain loops.
+
+    .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--crop 64] [--epochs 3] [--no-platform]
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import ray
 import torch
@@ -35,25 +44,36 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from hdm_model import HDMConfig, build_hdm
 from hdm_model.deform import Implementation, implementation_for
 from hdm_model.losses import EnhancementLoss
-from hdm_platform.config import validate_config
+from hdm_platform.config import load_config, validate_config
 from hdm_platform.data.synth import synthesize
 from hdm_platform.evaluate import iter_split_pairs
 from hdm_platform.train.driver import fit
 
+QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "quickstart-cpu.yaml"
+#: scripts/quickstart.sh's dataset size.
+QUICKSTART_PAIRS = 480
+GOAL_RATIO = 0.9
 
-def plain_loop_samples_per_second(
+
+def plain_loop_step_seconds(
     images: list[tuple[np.ndarray, np.ndarray]], *, model_config: HDMConfig, steps: int, batch: int,
-    crop: int, threads: int, bf16: bool, deform: Implementation | None = None, seed: int = 0,
-) -> float:  # fmt: skip
-    """The baseline: a single-process training loop over in-memory random crops; ``deform``
-    names the deformable conv (default: the device's measured choice)."""
+    crop: int, threads: int, bf16: bool, deform: Implementation | None = None, ema_decay: float | None = 0.999,
+    grad_clip_norm: float | None = None, seed: int = 0,
+) -> list[float]:  # fmt: skip
+    """The baseline: a single-process training loop over in-memory random crops, the seconds
+    of each step (sampling included); ``deform`` names the deformable conv (default: the
+    device's measured choice)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_hdm(model_config).train()
     for block in model.structure or ():
         block.implementation = deform
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        if ema_decay is not None
+        else None
+    )
     optimizer = Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999))
     loss_fn = EnhancementLoss(l1_weight=1.0, perceptual_weight=0.0)
 
@@ -76,12 +96,51 @@ def plain_loop_samples_per_second(
             terms = loss_fn(model(inputs).float(), targets)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
+        if grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
-        ema.update_parameters(model)
+        if ema is not None:
+            ema.update_parameters(model)
         step_seconds.append(time.perf_counter() - started)
-    # The median step: other jobs on a shared 2-core machine stall a 2-thread process in
-    # bursts (OpenMP barriers), which a mean would charge to the baseline.
+    return step_seconds
+
+
+def median_samples_per_second(step_seconds: list[float], batch: int) -> float:
+    """Samples/s of the median step after the first: other jobs on a shared 2-core machine
+    stall a 2-thread process in bursts (OpenMP barriers), which a mean would charge to the
+    baseline."""
     return batch / float(np.median(step_seconds[1:]))
+
+
+def short_epochs(root: Path, epochs: int) -> tuple[float, list[float], int, float]:
+    """The quickstart's experiment for ``epochs`` (at least 2) epochs: (plain loop seconds
+    for one epoch's steps, the platform's epoch wall times after the first, steps per epoch,
+    val PSNR)."""
+    dataset = str(root / "quickstart-ds")
+    synthesize("builtin", dataset, task="dehaze", count=QUICKSTART_PAIRS, size=(96, 96),
+               val_fraction=0.05, test_fraction=0.05, seed=0, workers=2, progress=False)  # fmt: skip
+    tracking_uri = f"sqlite:///{root / 'mlflow-quickstart.db'}"
+    config = load_config(QUICKSTART_CONFIG, [
+        f"data.uri={dataset}", f"train.epochs={epochs}", f"run.storage_path={root / 'runs-quickstart'}",
+        f"mlflow.tracking_uri={tracking_uri}", "mlflow.register_model=false",
+    ])  # fmt: skip
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        outcome = fit(config)
+    finally:
+        ray.shutdown()
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(outcome.mlflow_run_id, "val_psnr")
+    history = sorted(history, key=lambda metric: metric.step)
+    epoch_walls = [(later.timestamp - earlier.timestamp) / 1000 for earlier, later in zip(history, history[1:])]
+    steps_per_epoch = history[1].step - history[0].step
+    images = [(source, target) for _, source, target in iter_split_pairs(dataset, "train")]
+    plain = plain_loop_step_seconds(
+        images, model_config=config.model.to_hdm_config(), steps=steps_per_epoch + 1,
+        batch=config.train.batch_size, crop=config.data.crop_size, threads=2, bf16=False,
+        ema_decay=config.train.ema_decay, grad_clip_norm=config.train.grad_clip_norm,
+    )  # fmt: skip
+    plain_epoch = float(np.mean(plain[1:])) * steps_per_epoch
+    return plain_epoch, epoch_walls, steps_per_epoch, float(outcome.metrics["val_psnr"])
 
 
 def main() -> None:
@@ -91,8 +150,11 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--blocks-per-group", type=int, default=7)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the quickstart's experiment")
     parser.add_argument("--no-platform", action="store_true", help="only the plain loops, no Ray")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs: at least 2 (an epoch's wall time is between two validations)")
     capabilities = torch.cpu.get_capabilities()
     time_bf16 = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
@@ -118,12 +180,17 @@ def main() -> None:
             model_config=config.model.to_hdm_config(), steps=args.steps, batch=args.batch,
             crop=args.crop, threads=2,
         )  # fmt: skip
-        baseline = plain_loop_samples_per_second(images, bf16=False, **common)
-        with_torchvision = plain_loop_samples_per_second(
-            images, bf16=False, deform="torchvision", **common
+        batch = args.batch
+        baseline = median_samples_per_second(plain_loop_step_seconds(images, bf16=False, **common), batch)
+        with_torchvision = median_samples_per_second(
+            plain_loop_step_seconds(images, bf16=False, deform="torchvision", **common), batch
         )
-        baseline_bf16 = plain_loop_samples_per_second(images, bf16=True, **common) if time_bf16 else None
-        platform = None
+        baseline_bf16 = (
+            median_samples_per_second(plain_loop_step_seconds(images, bf16=True, **common), batch)
+            if time_bf16
+            else None
+        )
+        platform = epochs = None
         if not args.no_platform:
             # 2 logical CPUs for the workers plus 1 for Ray Data's decode tasks, on 2 cores.
             ray.init(num_cpus=3, include_dashboard=False)
@@ -132,6 +199,7 @@ def main() -> None:
             finally:
                 ray.shutdown()
             platform = outcome.metrics["train_samples_per_second"]
+            epochs = short_epochs(root, args.epochs)
 
     print(f"model HDM channels={args.channels} K={args.blocks_per_group}, global batch {args.batch}, "
           f"crop {args.crop}, {args.steps} steps (first not timed)")  # fmt: skip
@@ -146,9 +214,19 @@ def main() -> None:
               f"  (bf16/fp32 = {baseline_bf16 / baseline:.2f})")  # fmt: skip
     if platform is not None:
         print(f"platform  Ray Train 2 workers x 1 thread, Ray Data shards: {platform:8.2f} samples/s")
+    if epochs is not None:
+        plain_epoch, epoch_walls, steps_per_epoch, val_psnr = epochs
+        platform_epoch = float(np.median(epoch_walls))
+        print(f"short epochs, the quickstart's experiment ({steps_per_epoch} steps, validation, checkpoint):")
+        print(f"  plain loop, the same {steps_per_epoch} steps:               {plain_epoch:8.2f} s")
+        print(f"  platform epochs after the first (MLflow timestamps): "
+              f"{' '.join(f'{wall:.2f}' for wall in epoch_walls)} s; median {platform_epoch:.2f} s; "
+              f"val PSNR {val_psnr:.2f} dB")  # fmt: skip
     print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
     if platform is not None:
-        print(f"ratio platform/baseline = {platform / baseline:.2f} (goal >= 0.90)")
+        print(f"long-run ratio platform/baseline = {platform / baseline:.2f} (goal >= {GOAL_RATIO})")
+    if epochs is not None:
+        print(f"short-epoch ratio plain/platform = {plain_epoch / platform_epoch:.2f} (goal >= {GOAL_RATIO})")
 
 
 if __name__ == "__main__":
