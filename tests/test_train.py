@@ -136,6 +136,12 @@ def test_stop_resume_crash_restart_register_reload(
     assert set(val_psnr) == {steps_per_epoch - 1, steps_per_epoch, steps_per_epoch + 1, total}
     assert val_l1[total] < val_l1[steps_per_epoch - 1]
     assert val_psnr[total] > val_psnr[steps_per_epoch - 1]
+    # Where each epoch's time went besides its steps, logged with each validation.
+    for key in ("validation_seconds", "checkpoint_seconds"):
+        seconds = last_value_per_step(client, run_id, key)
+        assert set(seconds) == set(val_psnr) and all(value > 0 for value in seconds.values()), key
+    first_batch = last_value_per_step(client, run_id, "first_batch_seconds")
+    assert {steps_per_epoch, total} <= set(first_batch) and all(value > 0 for value in first_batch.values())
     images = {info.path for info in client.list_artifacts(run_id, "images")}
     assert f"images/val-step-{total:08d}.png" in images
 

@@ -177,6 +177,10 @@ class _Trainer:
         self.throughput = Throughput()
         self.resumed_from: int | None = None
         self.validated_step = -1
+        # Seconds outside the steps, logged with the next validation: where an epoch's wall
+        # time goes besides training (the first batch of an epoch waits for the dataset's
+        # new execution).
+        self.overhead_seconds: dict[str, float] = {}
         self._restore()
         # DDP after restoring: its construction broadcasts rank 0's (restored) weights.
         self.ddp_model = ray.train.torch.prepare_model(self.model)
@@ -239,6 +243,8 @@ class _Trainer:
         for batch_index, (inputs, targets) in enumerate(self._batches(shard, epoch)):
             if batch_index == steps_left_in_epoch or self.state.step >= self.stop_step:
                 break
+            if batch_index == 0:
+                self.overhead_seconds["first_batch_seconds"] = time.perf_counter() - window_started
             terms = self._step(inputs, targets)
             self.state.step += 1
             if self.fault is not None:
@@ -307,7 +313,9 @@ class _Trainer:
         self.tracker.log_metrics(metrics, step=self.state.step)
 
     def _validate_and_checkpoint(self) -> None:
+        started = time.perf_counter()
         metrics = self._validate()
+        self.overhead_seconds["validation_seconds"] = time.perf_counter() - started
         metrics.update(
             step=self.state.step,
             epoch=self.state.epoch,
@@ -340,6 +348,12 @@ class _Trainer:
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
                 checkpoint_dir_name=f"checkpoint-step-{self.state.step:08d}",
             )
+        self.overhead_seconds["checkpoint_seconds"] = (
+            time.perf_counter() - started - self.overhead_seconds["validation_seconds"]
+        )
+        if self.tracker is not None:
+            self.tracker.log_metrics(self.overhead_seconds, step=self.state.step)
+        self.overhead_seconds = {}
 
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
