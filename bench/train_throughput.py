@@ -33,6 +33,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -116,10 +117,19 @@ def median_samples_per_second(step_seconds: list[float], batch: int) -> float:
 OVERHEAD_METRICS = ("first_batch_seconds", "validation_seconds", "checkpoint_seconds")
 
 
-def short_epochs(root: Path, epochs: int) -> tuple[float, list[float], int, float, dict[str, float]]:
-    """The quickstart's experiment for ``epochs`` (at least 2) epochs: (plain loop seconds
-    for one epoch's steps, the platform's epoch wall times after the first, steps per epoch,
-    val PSNR, the mean of each of :data:`OVERHEAD_METRICS` over the epochs after the first)."""
+class ShortEpochs(NamedTuple):
+    plain_epoch_seconds: float
+    #: The platform's epochs after the first.
+    epoch_walls: list[float]
+    steps_per_epoch: int
+    val_psnr: float
+    #: The mean of each of :data:`OVERHEAD_METRICS` over the epochs after the first.
+    overheads: dict[str, float]
+
+
+def short_epochs(root: Path, epochs: int) -> ShortEpochs:
+    """The quickstart's experiment for ``epochs`` (at least 2) epochs, and the plain loop
+    over one epoch's steps."""
     dataset = str(root / "quickstart-ds")
     synthesize("builtin", dataset, task="dehaze", count=QUICKSTART_PAIRS, size=(96, 96),
                val_fraction=0.05, test_fraction=0.05, seed=0, workers=2, progress=False)  # fmt: skip
@@ -134,14 +144,19 @@ def short_epochs(root: Path, epochs: int) -> tuple[float, list[float], int, floa
     finally:
         ray.shutdown()
     client = mlflow.MlflowClient(tracking_uri)
-    history = sorted(client.get_metric_history(outcome.mlflow_run_id, "val_psnr"), key=lambda metric: metric.step)
+
+    def history(key: str) -> list[Any]:
+        return sorted(client.get_metric_history(outcome.mlflow_run_id, key), key=lambda metric: metric.step)
+
+    validations = history("val_psnr")
     overheads = {
-        key: float(np.mean([metric.value for metric in client.get_metric_history(outcome.mlflow_run_id, key)
-                            if metric.step > history[0].step]))
+        key: float(np.mean([metric.value for metric in history(key) if metric.step > validations[0].step]))
         for key in OVERHEAD_METRICS
-    }  # fmt: skip
-    epoch_walls = [(later.timestamp - earlier.timestamp) / 1000 for earlier, later in zip(history, history[1:])]
-    steps_per_epoch = history[1].step - history[0].step
+    }
+    epoch_walls = [
+        (later.timestamp - earlier.timestamp) / 1000 for earlier, later in zip(validations, validations[1:])
+    ]
+    steps_per_epoch = validations[1].step - validations[0].step
     images = [(source, target) for _, source, target in iter_split_pairs(dataset, "train")]
     plain = plain_loop_step_seconds(
         images, model_config=config.model.to_hdm_config(), steps=steps_per_epoch + 1,
@@ -149,7 +164,7 @@ def short_epochs(root: Path, epochs: int) -> tuple[float, list[float], int, floa
         ema_decay=config.train.ema_decay, grad_clip_norm=config.train.grad_clip_norm,
     )  # fmt: skip
     plain_epoch = float(np.mean(plain[1:])) * steps_per_epoch
-    return plain_epoch, epoch_walls, steps_per_epoch, float(outcome.metrics["val_psnr"]), overheads
+    return ShortEpochs(plain_epoch, epoch_walls, steps_per_epoch, float(outcome.metrics["val_psnr"]), overheads)
 
 
 def main() -> None:

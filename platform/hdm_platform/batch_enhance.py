@@ -29,6 +29,7 @@ input never stops the job; the driver streams the status rows (a progress bar), 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -224,12 +225,12 @@ class EnhancePredictor:
         threads: int,
         storage_options: dict[str, Any] | None,
     ) -> None:
-        from hdm_model.inference import resolve_device
+        from hdm_model.inference import resolve_device, tile_for
         from hdm_platform.model_refs import load_enhancer
 
         torch.set_num_threads(threads)
         self._device = resolve_device()
-        self._tile = tile
+        self._tile_for = functools.partial(tile_for, tile=tile)
         self._models = [
             load_enhancer(
                 reference,
@@ -245,9 +246,7 @@ class EnhancePredictor:
     def _tiled(self, height: int, width: int) -> bool:
         """Tiled images (the shared rule, ``tile_for``) run one at a time: tiles bound one
         image's memory."""
-        from hdm_model.inference import tile_for
-
-        return tile_for(height, width, self._tile) is not None
+        return self._tile_for(height, width) is not None
 
     def _run(self, images: torch.Tensor) -> np.ndarray:
         """``[B, 3, H, W]`` floats -> ``[B, H, W, 3]`` uint8."""

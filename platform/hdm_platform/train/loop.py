@@ -315,7 +315,8 @@ class _Trainer:
     def _validate_and_checkpoint(self) -> None:
         started = time.perf_counter()
         metrics = self._validate()
-        self.overhead_seconds["validation_seconds"] = time.perf_counter() - started
+        validated = time.perf_counter()
+        self.overhead_seconds["validation_seconds"] = validated - started
         metrics.update(
             step=self.state.step,
             epoch=self.state.epoch,
@@ -348,9 +349,7 @@ class _Trainer:
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
                 checkpoint_dir_name=f"checkpoint-step-{self.state.step:08d}",
             )
-        self.overhead_seconds["checkpoint_seconds"] = (
-            time.perf_counter() - started - self.overhead_seconds["validation_seconds"]
-        )
+        self.overhead_seconds["checkpoint_seconds"] = time.perf_counter() - validated
         if self.tracker is not None:
             self.tracker.log_metrics(self.overhead_seconds, step=self.state.step)
         self.overhead_seconds = {}
