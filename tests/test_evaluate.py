@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from PIL import Image
 
-from hdm_model import build_hdm, enhance, save_checkpoint, variant_config
+from hdm_model import build_hdm, enhance, prepare_for_inference, save_checkpoint, variant_config
 from hdm_model.metrics import image_metrics
 from hdm_model.priors import dehaze
 from hdm_platform.cli.evaluate import compare as compare_command
@@ -64,7 +65,9 @@ def test_checkpoint_and_training_checkpoint_give_the_same_csv(dataset, checkpoin
         {k: v for k, v in row.items() if k != "seconds"} for row in rows
     ]
     pair_id, source, target = pairs[0]
-    expected = image_metrics(enhance(model, as_tensor(source)), as_tensor(target))
+    # Prepared and at precision "auto", as the command runs it (bf16 on CPUs with AMX).
+    prepared = prepare_for_inference(copy.deepcopy(model), device="cpu")
+    expected = image_metrics(enhance(prepared, as_tensor(source), precision="auto"), as_tensor(target))
     assert float(rows[0]["psnr"]) == pytest.approx(expected["psnr"].item(), rel=1e-6)
     assert float(rows[0]["ssim_y"]) == pytest.approx(expected["ssim_y"].item(), rel=1e-6)
     assert (int(rows[0]["width"]), int(rows[0]["height"])) == (30, 22)

@@ -25,7 +25,7 @@ def test_a_checkpoint_folder_and_a_file_uri_give_the_same_model(tmp_path):
     model = _tiny()
     folder = save_checkpoint(model, tmp_path / "ckpt")
     images = torch.rand(1, 3, 36, 44)
-    expected = enhance(prepare_for_inference(model, device="cpu"), images)
+    expected = enhance(prepare_for_inference(model, device="cpu"), images, precision="auto")
     for reference in (str(folder), f"file://{folder}"):
         assert torch.equal(load_enhancer(reference)(images), expected)
 

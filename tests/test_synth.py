@@ -22,6 +22,7 @@ from hdm_platform.data.synth import (
     darken,
     heuristic_depth,
     load_clean_images,
+    photo_splits,
     synthesize,
 )
 
@@ -52,9 +53,11 @@ def all_rows(uri: str) -> list[dict]:
 
 def test_builtin_photos_load_offline_and_motorcycle_has_depth() -> None:
     images = builtin_images()
-    assert [image.name for image in images] == list(BUILTIN_PHOTOS)
+    assert [image.name for image in images] == list(BUILTIN_PHOTOS) and len(images) == 8
     assert all(image.pixels.ndim == 3 and image.pixels.shape[2] == 3 for image in images)
-    motorcycle = images[-1]
+    assert all(min(image.pixels.shape[:2]) >= 300 for image in images)
+    assert len({image.pixels.tobytes()[:4096] for image in images}) == len(images)
+    motorcycle = images[BUILTIN_PHOTOS.index("motorcycle")]
     assert motorcycle.depth is not None and motorcycle.depth.shape == motorcycle.pixels.shape[:2]
     assert np.isfinite(motorcycle.depth).all() and motorcycle.depth.min() == 0 and motorcycle.depth.max() == 1
 
@@ -142,6 +145,24 @@ def test_folder_source_reads_depth_beside_images(tmp_path: Path, make_png: MakeP
         str(tmp_path / "src/plain.png"),
     }
     assert all((row["width"], row["height"]) == (20, 10) for row in rows)
+
+
+def test_splits_are_by_source_photo_and_keep_their_fractions(tmp_path: Path) -> None:
+    synthesize("builtin", str(tmp_path / "ds"), task="dehaze", count=200, size=(16, 16), seed=0,
+               val_fraction=0.1, test_fraction=0.1, workers=2, progress=False)  # fmt: skip
+    rows = all_rows(str(tmp_path / "ds"))
+    photos = {split: {row["source_target"] for row in rows if row["split"] == split} for split in ("train", "val", "test")}
+    assert len(photos["test"]) == len(photos["val"]) == 1 and len(photos["train"]) == 6
+    assert not (photos["train"] & photos["test"]) and not (photos["train"] & photos["val"])
+    counts = {split: sum(row["split"] == split for row in rows) for split in photos}
+    assert 10 <= counts["test"] <= 30 and 10 <= counts["val"] <= 30, counts
+    every_training_photo = photo_splits(BUILTIN_PHOTOS, seed=0, val_fraction=0.0, test_fraction=0.0)
+    assert every_training_photo == {"test": [], "val": [], "train": list(range(len(BUILTIN_PHOTOS)))}
+    assert photo_splits(BUILTIN_PHOTOS, seed=0, val_fraction=0.0, test_fraction=0.3)["test"] != photo_splits(
+        BUILTIN_PHOTOS, seed=1, val_fraction=0.0, test_fraction=0.3
+    )["test"]
+    with pytest.raises(ValueError, match=r"2 clean photo\(s\) cannot split by photo into 1 test and 1 val"):
+        photo_splits(["a", "b"], seed=0, val_fraction=0.1, test_fraction=0.1)
 
 
 def test_synth_rerun_is_a_noop_and_bad_arguments_are_rejected(tmp_path: Path) -> None:

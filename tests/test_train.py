@@ -203,6 +203,8 @@ def test_preflight_names_the_field(tmp_path):
         check(train={"batch_size": 16})
     with pytest.raises(ConfigError, match="data.val_split"):
         check(train={"batch_size": 2}, data={"val_split": "test"})
+    with pytest.raises(ConfigError, match=r"^data.uri: no dataset at \S+/none: manifest.json missing$"):
+        check(train={"batch_size": 2}, data={"uri": str(tmp_path / "none")})
     with pytest.raises(ConfigError, match="loss.vgg_weights"):
         missing = str(tmp_path / "no.pth")
         check(train={"batch_size": 2}, loss={"perceptual_weight": 0.1, "vgg_weights": missing})

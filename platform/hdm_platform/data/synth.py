@@ -23,12 +23,18 @@ pairs the same ways:
 
 Every pair ``i`` draws from ``numpy.random.default_rng([seed, i])``, so a seed reproduces
 byte-identical PNGs regardless of thread count or which pairs were rendered before.
+
+Splits are by source photo: each clean photo belongs to one split (:func:`photo_splits`), and
+a pair, whose split is drawn from the val/test fractions, crops a photo of its own split. A
+test image therefore never shows a scene the model was trained on, as in the benchmarks
+(SOTS scenes are not in ITS).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import io
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+import matplotlib.cbook
 import numpy as np
 import skimage
 import skimage.data
@@ -57,6 +64,7 @@ __all__ = [
     "CleanImage",
     "SynthResult",
     "builtin_images",
+    "photo_splits",
     "load_clean_images",
     "heuristic_depth",
     "add_haze",
@@ -67,8 +75,12 @@ __all__ = [
 ]
 
 BUILTIN = "builtin"
-BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
-"""Real colour photos shipped inside scikit-image (no pooch download needed)."""
+BUILTIN_PHOTOS = (
+    "astronaut", "coffee", "chelsea", "rocket", "motorcycle", "grace_hopper", "china", "flower"
+)  # fmt: skip
+"""Real colour photos shipped inside installed packages (no download): scikit-image's five
+(without its pooch downloads), matplotlib's sample Grace Hopper and scikit-learn's two
+sample images."""
 
 _DEPTH_FOLDERS = {"depth": False, "disparity": True}  # folder -> values are inverse depth
 _OPTICAL_DEPTH = 1.5
@@ -105,21 +117,30 @@ def _depth_from(values: np.ndarray, inverse: bool) -> np.ndarray:
     return _normalise(values).astype(np.float32)
 
 
+def _builtin_image(name: str) -> CleanImage:
+    if name == "motorcycle":
+        left, _, disparity = skimage.data.stereo_motorcycle()
+        return CleanImage(name, "skimage.data.stereo_motorcycle", left, _depth_from(disparity, True))
+    if name == "grace_hopper":
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+            pixels = decode_rgb8(handle.read(), name="matplotlib sample_data/grace_hopper.jpg")
+        return CleanImage(name, "matplotlib.cbook.get_sample_data('grace_hopper.jpg')", pixels)
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image  # imports scipy.sparse & co: only here
+
+        source = f"sklearn.datasets.load_sample_image('{name}.jpg')"
+        return CleanImage(name, source, load_sample_image(f"{name}.jpg"))
+    return CleanImage(name, f"skimage.data.{name}", getattr(skimage.data, name)())
+
+
 @functools.cache
 def builtin_images() -> tuple[CleanImage, ...]:
-    """scikit-image's bundled real photos; the motorcycle comes with its stereo disparity.
+    """The built-in real photos (:data:`BUILTIN_PHOTOS`); the motorcycle comes with its stereo
+    disparity.
 
     Cached: the arrays are read-only, so sharing them between calls is safe.
     """
-    images = []
-    for name in BUILTIN_PHOTOS:
-        if name == "motorcycle":
-            left, _, disparity = skimage.data.stereo_motorcycle()
-            images.append(
-                CleanImage(name, "skimage.data.stereo_motorcycle", left, _depth_from(disparity, True))
-            )
-        else:
-            images.append(CleanImage(name, f"skimage.data.{name}", getattr(skimage.data, name)()))
+    images = [_builtin_image(name) for name in BUILTIN_PHOTOS]
     for image in images:
         for array in (image.pixels, image.depth):
             if array is not None:
@@ -270,13 +291,47 @@ def _crop(
     return np.ascontiguousarray(pixels), None if depth is None else np.ascontiguousarray(depth)
 
 
-def _split_of(pair_id: str, seed: int, val_fraction: float, test_fraction: float) -> Split:
-    draw = int.from_bytes(hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()[:8]) / 2**64
+def _draw(seed: int, key: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8]) / 2**64
+
+
+def _split_of(index: int, seed: int, val_fraction: float, test_fraction: float) -> Split:
+    draw = _draw(seed, f"pair-{index}")
     if draw < test_fraction:
         return "test"
     if draw < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def photo_splits(
+    names: Sequence[str], *, seed: int, val_fraction: float, test_fraction: float
+) -> dict[Split, list[int]]:
+    """Which photos (indices into ``names``) each split crops from; the splits share none.
+
+    A split with a positive fraction gets ``round(fraction x photos)`` photos, at least one,
+    and training keeps the rest; which ones is drawn from the seed and each photo's name.
+
+    Raises:
+        ValueError: too few photos to give every requested split one of its own.
+    """
+    held_out = {
+        split: max(1, round(fraction * len(names))) if fraction > 0 else 0
+        for split, fraction in (("test", test_fraction), ("val", val_fraction))
+    }
+    if sum(held_out.values()) >= len(names):
+        wanted = " and ".join(f"{count} {split}" for split, count in held_out.items() if count)
+        raise ValueError(
+            f"{len(names)} clean photo(s) cannot split by photo into {wanted} and at least one "
+            "for training: add photos, or lower --val-fraction/--test-fraction"
+        )
+    order = sorted(range(len(names)), key=lambda index: _draw(seed, f"photo-{names[index]}"))
+    test, val = held_out["test"], held_out["val"]
+    return {
+        "test": sorted(order[:test]),
+        "val": sorted(order[test : test + val]),
+        "train": sorted(order[test + val :]),
+    }
 
 
 @dataclass(frozen=True)
@@ -316,10 +371,11 @@ def synthesize(
     Args:
         clean_source: a folder/URI of clean photos, or ``"builtin"``.
         task: "dehaze", "derain" or "lowlight".
-        count: number of pairs; pair ``i`` crops photo ``i mod len(photos)``.
+        count: number of pairs; pair ``i`` crops photo ``i mod n`` of the ``n`` of its split.
         seed: reproduces the dataset byte for byte.
         size: ``(width, height)`` of the random crops; None keeps whole photos.
-        val_fraction, test_fraction: fractions of pairs (by hash of the id) for val/test.
+        val_fraction, test_fraction: fractions of pairs (by hash of the index) for val/test;
+            each split crops its own photos (:func:`photo_splits`).
     """
     started = time.perf_counter()
     _check_arguments(task, count, size, val_fraction, test_fraction)
@@ -336,13 +392,17 @@ def synthesize(
         "shard_size": shard_size,
         "name": name,
         "source": clean_source,
+        "split_by": "photo",
     }
     digest = fingerprint("synth", arguments, listing)
     existing = current_manifest(dest, digest, storage_options)
     if existing is not None:
         return SynthResult(existing, True, existing.rows, time.perf_counter() - started)
 
-    render = _PairRenderer(images, task, seed, size, val_fraction, test_fraction)
+    splits = photo_splits(
+        [image.name for image in images], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+    )
+    render = _PairRenderer(images, splits, task, seed, size, val_fraction, test_fraction)
     with (
         DatasetWriter(
             dest, storage_options=storage_options, shard_size=shard_size, workers=workers
@@ -385,7 +445,8 @@ def _clean_photos(
 ) -> tuple[tuple[CleanImage, ...], Sequence[Sequence[Any]]]:
     """The clean photos, and the listing that identifies them in the fingerprint."""
     if clean_source == BUILTIN:
-        return builtin_images(), [(BUILTIN, skimage.__version__, *BUILTIN_PHOTOS)]
+        versions = [importlib.metadata.version(name) for name in ("scikit-image", "matplotlib", "scikit-learn")]
+        return builtin_images(), [(BUILTIN, *versions, *BUILTIN_PHOTOS)]
     fs, root = open_filesystem(clean_source, storage_options)
     listing = [(e.path, e.size, e.modified) for e in list_files(fs, root) if is_image(e.path)]
     return load_clean_images(clean_source, storage_options), listing
@@ -396,6 +457,7 @@ class _PairRenderer:
     """Renders pair ``index`` from its own random stream; safe to call from several threads."""
 
     images: Sequence[CleanImage]
+    photos_of_split: Mapping[Split, Sequence[int]]
     task: str
     seed: int
     size: tuple[int, int] | None
@@ -404,7 +466,9 @@ class _PairRenderer:
 
     def __call__(self, index: int) -> Row:
         rng = np.random.default_rng([self.seed, index])
-        image = self.images[index % len(self.images)]
+        split = _split_of(index, self.seed, self.val_fraction, self.test_fraction)
+        photos = self.photos_of_split[split]
+        image = self.images[photos[index % len(photos)]]
         pixels, depth = _crop(image, self.size, rng)
         clean = pixels.astype(np.float64) / 255.0
         degraded = DEGRADATIONS[self.task](clean, rng, depth)
@@ -413,7 +477,7 @@ class _PairRenderer:
         return Row(
             id=pair_id,
             task=self.task,
-            split=_split_of(pair_id, self.seed, self.val_fraction, self.test_fraction),
+            split=split,
             input=_to_png(degraded_pixels),
             target=_to_png(pixels),
             input_format="PNG",

@@ -112,7 +112,7 @@ def preflight(config: ExperimentConfig) -> int:
     try:
         manifest = Manifest.load(data.uri, storage_options=options)
     except FileNotFoundError as error:
-        raise ConfigError(f"data.uri: no dataset at {data.uri}: {error}") from None
+        raise ConfigError(f"data.uri: {error}") from None
     for field, split in (("data.train_split", data.train_split), ("data.val_split", data.val_split)):
         if split not in manifest.splits or manifest.splits[split].rows == 0:
             raise ConfigError(

@@ -358,16 +358,10 @@ class _Trainer:
     def _validate(self) -> dict[str, float]:
         model = self.evaluated_model.eval()
         data = self.experiment.data
-        batch_size = 1 if data.val_crop_size is None else self.per_worker_batch
         sums = torch.zeros(len(VAL_METRICS) + 1, dtype=torch.float64, device=self.device)
         shown: list[tuple[Tensor, Tensor, Tensor]] = []
         wanted = self.experiment.train.logged_val_images if self.tracker is not None else 0
-        # The whole val set comes to every worker (not split); batch i belongs to rank
-        # i mod world_size, so every image is measured exactly once.
-        batches = iter_pairs(ray.train.get_dataset_shard("val"), batch_size=batch_size, device=self.device)
-        for index, (inputs, targets) in enumerate(batches):
-            if index % self.world_size != self.rank:
-                continue
+        for inputs, targets in self._validation_batches():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 outputs = model(inputs).float()
             values = image_metrics(outputs, targets)
@@ -394,6 +388,40 @@ class _Trainer:
             if shown:
                 self.tracker.log_image_grid(_grid(shown), name=f"val-step-{self.state.step:08d}")
         return metrics
+
+    def _validation_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's share of the validation set, in batches of at most a training batch's
+        pixels.
+
+        The whole val set comes to every worker (not split); pair i belongs to rank
+        i mod world_size, so every image is measured exactly once. Full images (no
+        ``val_crop_size``) may differ in size, so they come one at a time and consecutive
+        ones of one size are stacked: one forward pass for several small images is much
+        cheaper than one each.
+        """
+        data = self.experiment.data
+        shard = ray.train.get_dataset_shard("val")
+        if data.val_crop_size is not None:
+            batches = iter_pairs(shard, batch_size=self.per_worker_batch, device=self.device)
+            yield from (batch for index, batch in enumerate(batches) if index % self.world_size == self.rank)
+            return
+        pixel_budget = self.per_worker_batch * data.crop_size**2
+        pending: list[tuple[Tensor, Tensor]] = []
+        for index, (inputs, targets) in enumerate(iter_pairs(shard, batch_size=1, device=self.device)):
+            if index % self.world_size != self.rank:
+                continue
+            if pending and (
+                inputs.shape != pending[0][0].shape or (len(pending) + 1) * inputs[0, 0].numel() > pixel_budget
+            ):
+                yield _stacked(pending)
+                pending = []
+            pending.append((inputs, targets))
+        if pending:
+            yield _stacked(pending)
+
+
+def _stacked(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    return torch.cat([inputs for inputs, _ in pairs]), torch.cat([targets for _, targets in pairs])
 
 
 def _grid(triples: list[tuple[Tensor, Tensor, Tensor]]) -> Any:
