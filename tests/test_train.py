@@ -26,6 +26,7 @@ from hdm_model import load_checkpoint
 from hdm_platform.cli.train import train as train_command
 from hdm_platform.config import ConfigError, validate_config
 from hdm_platform.data.synth import synthesize
+from hdm_platform.evaluate import evaluate
 from hdm_platform.tracking.registry import load_registered
 from hdm_platform.train.driver import fit, preflight
 from hdm_platform.train.loop import FaultInjection
@@ -165,6 +166,12 @@ def test_stop_resume_crash_restart_register_reload(
     with torch.inference_mode():
         assert torch.equal(from_registry(image), from_checkpoint(image))
     assert from_checkpoint.config.channels == 16
+
+    # The last validation measured each val image once, as evaluating the final model on the
+    # val split does (both at precision "auto": bf16 rounding apart on CPUs with AMX).
+    evaluated = evaluate(str(local), dataset, split="val")
+    assert val_psnr[total] == pytest.approx(evaluated.means["psnr"], abs=0.05)
+    assert last_value_per_step(client, run_id, "val_images")[total] == len(evaluated.rows)
 
 
 def test_bad_config_is_rejected_before_ray_starts(tmp_path, monkeypatch):
