@@ -251,8 +251,18 @@ def test_a_small_validation_split_is_decoded_once_and_a_large_one_streams(ray_cl
     monkeypatch.setattr(pipeline, "KEEP_DECODED_MAX_SHARD_BYTES", 10)
     large = build_dataset(dataset_uri, "val", crop_size=None, train=False, keep_decoded=True)
     assert not isinstance(large, MaterializedDataset)
-    with pytest.raises(ValueError, match="training crops change every epoch"):
-        build_dataset(dataset_uri, "train", crop_size=CROP, train=True, keep_decoded=True)
+
+
+def test_a_small_training_split_kept_decoded_gets_the_crops_of_a_decoding_pass(ray_cluster, dataset_uri):
+    kept = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=7, keep_decoded=True)
+    streamed = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=7)
+    kept_epochs, streamed_epochs = [by_id(kept) for _ in range(2)], [by_id(streamed) for _ in range(2)]
+    for kept_pairs, streamed_pairs in zip(kept_epochs, streamed_epochs, strict=True):
+        assert sorted(kept_pairs) == sorted(streamed_pairs) == sorted(f"train/{i}" for i in range(len(IMAGE_SIZES["train"])))
+        for row_id, (source, target) in kept_pairs.items():
+            np.testing.assert_array_equal(source, streamed_pairs[row_id][0], err_msg=row_id)
+            np.testing.assert_array_equal(target, streamed_pairs[row_id][1], err_msg=row_id)
+    assert sum(not np.array_equal(kept_epochs[0][i][0], kept_epochs[1][i][0]) for i in kept_epochs[0]) >= 4
 
 
 def test_reads_shards_from_s3(ray_cluster, s3_bucket):
@@ -279,8 +289,9 @@ def test_corrupt_row_error_names_the_row_and_shard(ray_cluster, tmp_path):
         by_id(dataset)
 
 
-def test_streaming_split_shares_the_rows_between_workers_every_epoch(ray_cluster, dataset_uri):
-    dataset = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=5)
+@pytest.mark.parametrize("keep_decoded", [False, True], ids=["streamed", "kept-decoded"])
+def test_streaming_split_shares_the_rows_between_workers_every_epoch(ray_cluster, dataset_uri, keep_decoded):
+    dataset = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=5, keep_decoded=keep_decoded)
     shards = dataset.streaming_split(2, equal=False)
     all_ids = sorted(f"train/{index}" for index in range(len(IMAGE_SIZES["train"])))
     epochs = []
@@ -300,8 +311,13 @@ def test_streaming_split_shares_the_rows_between_workers_every_epoch(ray_cluster
         assert not set(seen[0]) & set(seen[1])
         assert sorted([*seen[0], *seen[1]]) == all_ids
         epochs.append(seen[0] | seen[1])
-    # Each epoch of the split is a new execution, so the augmentation moves on.
+    # Each epoch of the split is a new execution, so the augmentation moves on, and it is
+    # the augmentation of the dataset's own first two passes.
     assert sum(not np.array_equal(epochs[0][row_id], epochs[1][row_id]) for row_id in all_ids) >= 4
+    reference = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=5)
+    for epoch in epochs:
+        expected = by_id(reference)
+        assert all(np.array_equal(epoch[row_id], expected[row_id][0]) for row_id in all_ids)
 
 
 def test_bad_arguments_are_rejected(ray_cluster, dataset_uri):

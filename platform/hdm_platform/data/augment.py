@@ -18,7 +18,7 @@ from ray.data import DataContext
 from hdm_platform.data.shard_source import PATH_COLUMN, completed_passes
 from hdm_platform.imageio import ImageError, decode_rgb8
 
-__all__ = ["CorruptPairError", "PairTransform"]
+__all__ = ["CorruptPairError", "PairCrop", "PairTransform"]
 
 
 class CorruptPairError(ValueError):
@@ -44,11 +44,10 @@ def _reflect_pad_to(image: np.ndarray, size: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class PairTransform:
-    """Decode one batch of Parquet rows and crop/augment each pair identically.
-
-    The ``map_batches`` function of :func:`build_dataset` (numpy batch format, runs in
-    Ray tasks on CPU workers).
+class PairCrop:
+    """Crop/augment each pair of a batch of decoded pairs identically: the ``map_batches``
+    function over a split kept decoded in Ray's object store (``build_dataset(...,
+    keep_decoded=True)``), and the second half of :class:`PairTransform`.
 
     Args:
         crop_size: Side of the square patch; ``None`` keeps full images (validation only).
@@ -56,54 +55,36 @@ class PairTransform:
         augment: Random horizontal flip, vertical flip and transpose (90-degree
             rotation) of each patch; together they reach all eight symmetries of the square.
         seed: Base seed of the per-row generators; ``None`` draws from fresh entropy.
+        first_pass: The dataset's execution count at its first pass (epoch 0): a kept split
+            counts its decoding pass (``materialize``) before the first training pass.
+
+    A row's crop and flips come from its generator seeded by ``(seed, epoch, row id)``, so a
+    pair decoded per pass (:class:`PairTransform`) and a pair kept decoded get the same ones.
     """
 
     crop_size: int | None
     random_crop: bool
     augment: bool
     seed: int | None
+    first_pass: int = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # The task's DataContext carries the number of completed passes (the epoch).
-        epoch = completed_passes(DataContext.get_current())
+        epoch = completed_passes(DataContext.get_current()) - self.first_pass
         pairs = [
-            self._pair(row_id, input_bytes, target_bytes, shard, epoch)
-            for row_id, input_bytes, target_bytes, shard in zip(
-                batch["id"], batch["input"], batch["target"], batch[PATH_COLUMN], strict=True
-            )
+            self.crop_pair(str(row_id), source.transpose(1, 2, 0), target.transpose(1, 2, 0), epoch)
+            for row_id, source, target in zip(batch["id"], batch["input"], batch["target"], strict=True)
         ]
-        return {
-            "id": batch["id"],
-            "input": self._stack([source for source, _ in pairs]),
-            "target": self._stack([target for _, target in pairs]),
-        }
+        return self._batch(batch["id"], pairs)
 
-    def _pair(
-        self, row_id: str, input_bytes: bytes | None, target_bytes: bytes | None, shard: str, epoch: int
+    def crop_pair(
+        self, row_id: str, source: np.ndarray, target: np.ndarray, epoch: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        where = f"row {row_id!r} in shard {shard}"
-        if input_bytes is None or target_bytes is None:
-            missing = "input" if input_bytes is None else "target"
-            raise CorruptPairError(f"{where}: no {missing} image (unpaired rows cannot be trained on)")
-        source = self._decode(input_bytes, "input", where)
-        target = self._decode(target_bytes, "target", where)
-        if source.shape != target.shape:
-            raise CorruptPairError(
-                f"{where}: input is {source.shape[1]}x{source.shape[0]} but target is "
-                f"{target.shape[1]}x{target.shape[0]}; a pair must have one size"
-            )
+        """The crop (and flips) of one HWC pair in ``epoch``."""
         rng = _row_generator(self.seed, epoch, row_id)
         source, target = self._crop(source, target, rng)
         if self.augment:
             source, target = self._flip_and_rotate(source, target, rng)
         return source, target
-
-    @staticmethod
-    def _decode(data: bytes, field: str, where: str) -> np.ndarray:
-        try:
-            return decode_rgb8(data, name=field)
-        except ImageError as error:
-            raise CorruptPairError(f"{where}: cannot decode the {field} image: {error}") from error
 
     def _crop(
         self, source: np.ndarray, target: np.ndarray, rng: np.random.Generator
@@ -134,6 +115,14 @@ class PairTransform:
             source, target = source.transpose(1, 0, 2), target.transpose(1, 0, 2)
         return source, target
 
+    @classmethod
+    def _batch(cls, ids: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {
+            "id": ids,
+            "input": cls._stack([source for source, _ in pairs]),
+            "target": cls._stack([target for _, target in pairs]),
+        }
+
     @staticmethod
     def _stack(images: list[np.ndarray]) -> np.ndarray:
         """HWC uint8 images -> uint8 CHW: one array, or a ragged object array.
@@ -148,3 +137,46 @@ class PairTransform:
         ragged = np.empty(len(images), dtype=object)
         ragged[:] = [np.ascontiguousarray(image.transpose(2, 0, 1)) for image in images]
         return ragged
+
+
+@dataclass(frozen=True)
+class PairTransform(PairCrop):
+    """Decode one batch of Parquet rows and crop/augment each pair identically.
+
+    The ``map_batches`` function of :func:`build_dataset` (numpy batch format, runs in
+    Ray tasks on CPU workers); the fields are :class:`PairCrop`'s.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # The task's DataContext carries the number of completed passes (the epoch).
+        epoch = completed_passes(DataContext.get_current()) - self.first_pass
+        pairs = [
+            self._pair(row_id, input_bytes, target_bytes, shard, epoch)
+            for row_id, input_bytes, target_bytes, shard in zip(
+                batch["id"], batch["input"], batch["target"], batch[PATH_COLUMN], strict=True
+            )
+        ]
+        return self._batch(batch["id"], pairs)
+
+    def _pair(
+        self, row_id: str, input_bytes: bytes | None, target_bytes: bytes | None, shard: str, epoch: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        where = f"row {row_id!r} in shard {shard}"
+        if input_bytes is None or target_bytes is None:
+            missing = "input" if input_bytes is None else "target"
+            raise CorruptPairError(f"{where}: no {missing} image (unpaired rows cannot be trained on)")
+        source = self._decode(input_bytes, "input", where)
+        target = self._decode(target_bytes, "target", where)
+        if source.shape != target.shape:
+            raise CorruptPairError(
+                f"{where}: input is {source.shape[1]}x{source.shape[0]} but target is "
+                f"{target.shape[1]}x{target.shape[0]}; a pair must have one size"
+            )
+        return self.crop_pair(row_id, source, target, epoch)
+
+    @staticmethod
+    def _decode(data: bytes, field: str, where: str) -> np.ndarray:
+        try:
+            return decode_rgb8(data, name=field)
+        except ImageError as error:
+            raise CorruptPairError(f"{where}: cannot decode the {field} image: {error}") from error

@@ -35,6 +35,7 @@ a full-size patch whose content stays aligned across the pair.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,9 +45,9 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
 
-from hdm_platform.data.augment import CorruptPairError, PairTransform
+from hdm_platform.data.augment import CorruptPairError, PairCrop, PairTransform
 from hdm_platform.data.manifest import Manifest
-from hdm_platform.data.shard_source import ShardDatasource
+from hdm_platform.data.shard_source import ShardDatasource, completed_passes
 from hdm_platform.data.storage import open_filesystem
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "CROPPED_DECODE_BATCH_SIZE",
     "FULL_IMAGE_DECODE_BATCH_SIZE",
     "KEEP_DECODED_MAX_SHARD_BYTES",
+    "PairCrop",
     "PairTransform",
     "build_dataset",
     "iter_pairs",
@@ -68,8 +70,9 @@ FULL_IMAGE_DECODE_BATCH_SIZE = 8
 #: A split built with ``keep_decoded`` whose shards hold at most this many bytes is decoded
 #: once and its pairs kept in Ray's object store (``Dataset.materialize``): a validation set
 #: read every epoch then costs no read or decode tasks (no worker processes to start) after
-#: the first pass. Decoded pairs take a few times their encoded size.
-KEEP_DECODED_MAX_SHARD_BYTES = 32 * 2**20
+#: the first pass, and a small training set is only cropped each epoch. Decoded pairs take
+#: two to four times their PNG size: at most about 256 MiB of the object store.
+KEEP_DECODED_MAX_SHARD_BYTES = 64 * 2**20
 
 _SOURCE_COLUMNS = ["id", "input", "target"]
 
@@ -115,16 +118,16 @@ def build_dataset(
             ``map_batches`` batch size (read units are then this many pairs or one row
             group, whichever is larger); by default
             :data:`CROPPED_DECODE_BATCH_SIZE` with a crop, else :data:`FULL_IMAGE_DECODE_BATCH_SIZE`.
-        keep_decoded: For a split read as it is every pass (not ``train``): decode it now,
-            once, and keep the pairs in Ray's object store when its shards hold at most
-            :data:`KEEP_DECODED_MAX_SHARD_BYTES`; a larger split streams as usual.
+        keep_decoded: Decode the split now, once, and keep its full-size pairs in Ray's
+            object store when its shards hold at most :data:`KEEP_DECODED_MAX_SHARD_BYTES`;
+            each pass then only crops them (:class:`PairCrop`: a training pass gets the same
+            crops and flips as a decoding pass of the same seed and epoch). A larger split
+            streams as usual.
 
     Returns:
         Rows ``{"id": str, "input": uint8 [3, h, w], "target": uint8 [3, h, w]}``;
         :func:`iter_pairs` turns them into float32 in [0, 1] on the consuming worker.
     """
-    if train and keep_decoded:
-        raise ValueError("keep_decoded is for splits read alike every pass; training crops change every epoch")
     if train and crop_size is None:
         raise ValueError("training needs a crop_size: batches of full images differ in shape")
     if crop_size is not None and crop_size < 1:
@@ -135,12 +138,33 @@ def build_dataset(
     shard_uris = manifest.shard_uris(split)
     if not shard_uris:
         raise ValueError(f"split {split!r} of dataset {manifest_uri} has no shards")
+    crop = PairCrop(crop_size=crop_size, random_crop=train, augment=train and augment, seed=seed)
+    small = sum(shard.bytes for shard in manifest.splits[split].shards) <= KEEP_DECODED_MAX_SHARD_BYTES
+    if not (keep_decoded and small):
+        return _decoded_pairs(shard_uris, storage_options, crop, decode_batch_size, train=train)
+    if not train:
+        # Validation reads the same pairs (full images or centre crops) every pass: keep those.
+        return _decoded_pairs(shard_uris, storage_options, crop, decode_batch_size, train=False).materialize()
+    full_size = PairCrop(crop_size=None, random_crop=False, augment=False, seed=seed)
+    kept = _decoded_pairs(shard_uris, storage_options, full_size, FULL_IMAGE_DECODE_BATCH_SIZE, train=False).materialize()
+    crop = dataclasses.replace(crop, first_pass=completed_passes(kept.context))
+    cropped = kept.map_batches(crop, batch_format="numpy", batch_size=None, zero_copy_batch=True)
+    cropped.context.op_resource_reservation_enabled = False
+    return cropped
+
+
+def _decoded_pairs(
+    shard_uris: list[str], storage_options: dict | None, crop: PairCrop, decode_batch_size: int, *, train: bool
+) -> ray.data.Dataset:
+    """The shards read in read units of about ``decode_batch_size`` pairs (in a new order
+    each training pass), decoded and cropped by ``crop``'s settings."""
     filesystem, _ = open_filesystem(shard_uris[0], storage_options)
     source = ShardDatasource(
-        shard_uris, filesystem, columns=_SOURCE_COLUMNS, unit_rows=decode_batch_size, shuffle=train, seed=seed
+        shard_uris, filesystem, columns=_SOURCE_COLUMNS, unit_rows=decode_batch_size, shuffle=train, seed=crop.seed
     )
     dataset = ray.data.read_datasource(source, override_num_blocks=len(source.units))
-    transform = PairTransform(crop_size=crop_size, random_crop=train, augment=train and augment, seed=seed)
+    transform = PairTransform(**vars(crop))
+    crop_size = crop.crop_size
     # Crops: no batch_size, so Ray fuses the decode into the read task and each task reads
     # one read unit (about one decode batch) and decodes it: the encoded bytes never pass
     # through the object store, and decoding does not wait behind Ray's read-ahead of
@@ -161,8 +185,6 @@ def build_dataset(
     if not train:
         # Validation metrics and saved images come out in the same order every pass.
         pairs.context.execution_options.preserve_order = True
-        if keep_decoded and sum(shard.bytes for shard in manifest.splits[split].shards) <= KEEP_DECODED_MAX_SHARD_BYTES:
-            return pairs.materialize()
     return pairs
 
 

@@ -169,6 +169,9 @@ def build_trainer(
             seed=train.seed,
             storage_options=options,
             augment=data.augment,
+            # A small training set is decoded once per run and only cropped each epoch, so
+            # an epoch starts without a burst of decoding (an ITS-sized one streams).
+            keep_decoded=True,
         ),
         "val": build_dataset(
             data.uri,
