@@ -9,7 +9,7 @@ their renderings, go to validation. Test data: ``../shared/data/realworld/dehaze
 (``jobs/configs/quickstart-cpu.yaml``: its model, learning rate, 2 workers x 1 CPU, L1) with
 the batch, crop and epochs below (batch 8 rather than 16: twice the updates in the same
 time: +2.05 against +1.76 dB in one run each), through ``hdm_platform.train.driver.fit`` on a local Ray, for a fixed
-number of steps that takes about 10 minutes on the 2-core development machine. Every model
+number of steps that fits in 10 minutes on the 2-core development machine (7.7 here). Every model
 is then measured at full size with ``hdm_platform.compare`` (PSNR/SSIM, RGB and Y).
 
 This checks that the network, its DCP masks and the training path learn real haze; it is not

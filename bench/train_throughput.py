@@ -20,7 +20,8 @@ epoch) on a dataset of its size (480 synthetic 96x96 pairs, 5% validation), ``--
 epochs through ``fit``. An epoch's wall time is the time between two consecutive epochs'
 validation metrics in MLflow (their timestamps): its steps, its validation, its checkpoint
 and its logging. The baseline is the same number of steps of the same model, batch and crop
-in the plain loop (one process x 2 threads, mean step). Goal: plain / platform >= 0.9.
+in the plain loop (one process x 2 threads, mean step, at the precision the run resolved
+``auto`` to: bf16 on CPUs with AMX). Goal: plain / platform >= 0.9.
 ``--no-platform`` times only the plain loops.
 
     .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--crop 64] [--epochs 3] [--no-platform]
@@ -44,6 +45,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from hdm_model import HDMConfig, build_hdm
 from hdm_model.deform import Implementation, implementation_for
+from hdm_model.inference import resolve_precision
 from hdm_model.losses import EnhancementLoss
 from hdm_platform.config import load_config, validate_config
 from hdm_platform.data.synth import synthesize
@@ -160,7 +162,9 @@ def short_epochs(root: Path, epochs: int) -> ShortEpochs:
     images = [(source, target) for _, source, target in iter_split_pairs(dataset, "train")]
     plain = plain_loop_step_seconds(
         images, model_config=config.model.to_hdm_config(), steps=steps_per_epoch + 1,
-        batch=config.train.batch_size, crop=config.data.crop_size, threads=2, bf16=False,
+        batch=config.train.batch_size, crop=config.data.crop_size, threads=2,
+        # The precision the platform's run resolved "auto" to: bf16 on CPUs with AMX.
+        bf16=resolve_precision(config.train.precision, "cpu") == "bf16",
         ema_decay=config.train.ema_decay, grad_clip_norm=config.train.grad_clip_norm,
     )  # fmt: skip
     plain_epoch = float(np.mean(plain[1:])) * steps_per_epoch
@@ -242,7 +246,8 @@ def main() -> None:
         plain_epoch, epoch_walls, steps_per_epoch, val_psnr, overheads = epochs
         platform_epoch = float(np.median(epoch_walls))
         print(f"short epochs, the quickstart's experiment ({steps_per_epoch} steps, validation, checkpoint):")
-        print(f"  plain loop, the same {steps_per_epoch} steps:               {plain_epoch:8.2f} s")
+        precision = resolve_precision(load_config(QUICKSTART_CONFIG).train.precision, "cpu")
+        print(f"  plain loop, the same {steps_per_epoch} steps ({precision}, as the platform's):  {plain_epoch:8.2f} s")
         print(f"  platform epochs after the first (MLflow timestamps): "
               f"{' '.join(f'{wall:.2f}' for wall in epoch_walls)} s; median {platform_epoch:.2f} s; "
               f"val PSNR {val_psnr:.2f} dB")  # fmt: skip
