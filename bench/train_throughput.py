@@ -127,6 +127,8 @@ class ShortEpochs(NamedTuple):
     val_psnr: float
     #: The mean of each of :data:`OVERHEAD_METRICS` over the epochs after the first.
     overheads: dict[str, float]
+    #: What the run's precision resolved to, and the plain loop ran at.
+    precision: str
 
 
 def short_epochs(root: Path, epochs: int) -> ShortEpochs:
@@ -160,15 +162,16 @@ def short_epochs(root: Path, epochs: int) -> ShortEpochs:
     ]
     steps_per_epoch = validations[1].step - validations[0].step
     images = [(source, target) for _, source, target in iter_split_pairs(dataset, "train")]
+    # The precision the platform's run resolved "auto" to: bf16 on CPUs with AMX.
+    precision = resolve_precision(config.train.precision, "cpu")
     plain = plain_loop_step_seconds(
         images, model_config=config.model.to_hdm_config(), steps=steps_per_epoch + 1,
-        batch=config.train.batch_size, crop=config.data.crop_size, threads=2,
-        # The precision the platform's run resolved "auto" to: bf16 on CPUs with AMX.
-        bf16=resolve_precision(config.train.precision, "cpu") == "bf16",
+        batch=config.train.batch_size, crop=config.data.crop_size, threads=2, bf16=precision == "bf16",
         ema_decay=config.train.ema_decay, grad_clip_norm=config.train.grad_clip_norm,
     )  # fmt: skip
     plain_epoch = float(np.mean(plain[1:])) * steps_per_epoch
-    return ShortEpochs(plain_epoch, epoch_walls, steps_per_epoch, float(outcome.metrics["val_psnr"]), overheads)
+    val_psnr = float(outcome.metrics["val_psnr"])
+    return ShortEpochs(plain_epoch, epoch_walls, steps_per_epoch, val_psnr, overheads, precision)
 
 
 def main() -> None:
@@ -243,10 +246,9 @@ def main() -> None:
     if platform is not None:
         print(f"platform  Ray Train 2 workers x 1 thread, Ray Data shards: {platform:8.2f} samples/s")
     if epochs is not None:
-        plain_epoch, epoch_walls, steps_per_epoch, val_psnr, overheads = epochs
+        plain_epoch, epoch_walls, steps_per_epoch, val_psnr, overheads, precision = epochs
         platform_epoch = float(np.median(epoch_walls))
         print(f"short epochs, the quickstart's experiment ({steps_per_epoch} steps, validation, checkpoint):")
-        precision = resolve_precision(load_config(QUICKSTART_CONFIG).train.precision, "cpu")
         print(f"  plain loop, the same {steps_per_epoch} steps ({precision}, as the platform's):  {plain_epoch:8.2f} s")
         print(f"  platform epochs after the first (MLflow timestamps): "
               f"{' '.join(f'{wall:.2f}' for wall in epoch_walls)} s; median {platform_epoch:.2f} s; "

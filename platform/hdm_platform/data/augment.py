@@ -69,12 +69,16 @@ class PairCrop:
     first_pass: int = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = completed_passes(DataContext.get_current()) - self.first_pass
+        epoch = self._epoch()
         pairs = [
             self.crop_pair(str(row_id), source.transpose(1, 2, 0), target.transpose(1, 2, 0), epoch)
             for row_id, source, target in zip(batch["id"], batch["input"], batch["target"], strict=True)
         ]
         return self._batch(batch["id"], pairs)
+
+    def _epoch(self) -> int:
+        # The task's DataContext carries the number of completed passes of the dataset.
+        return completed_passes(DataContext.get_current()) - self.first_pass
 
     def crop_pair(
         self, row_id: str, source: np.ndarray, target: np.ndarray, epoch: int
@@ -148,8 +152,7 @@ class PairTransform(PairCrop):
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # The task's DataContext carries the number of completed passes (the epoch).
-        epoch = completed_passes(DataContext.get_current()) - self.first_pass
+        epoch = self._epoch()
         pairs = [
             self._pair(row_id, input_bytes, target_bytes, shard, epoch)
             for row_id, input_bytes, target_bytes, shard in zip(
