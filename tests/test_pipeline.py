@@ -31,6 +31,7 @@ from hdm_platform.data import pipeline
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import (
     CorruptPairError,
+    PairCrop,
     PairTransform,
     build_dataset,
     iter_pairs,
@@ -253,16 +254,39 @@ def test_a_small_validation_split_is_decoded_once_and_a_large_one_streams(ray_cl
     assert not isinstance(large, MaterializedDataset)
 
 
+def kept_crops(kept, crop: PairCrop, epoch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One pass over a kept training split, cropped as a training worker crops it."""
+    pairs = {}
+    for batch in kept.iter_batches(batch_format="numpy", batch_size=None):
+        cropped = crop.crop_batch(batch, epoch)
+        for row_id, source, target in zip(cropped["id"], cropped["input"], cropped["target"], strict=True):
+            pairs[str(row_id)] = (np.asarray(source, np.float64), np.asarray(target, np.float64))
+    return pairs
+
+
 def test_a_small_training_split_kept_decoded_gets_the_crops_of_a_decoding_pass(ray_cluster, dataset_uri):
     kept = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=7, keep_decoded=True)
+    # Full-size pairs: a pass plans no Ray task, the consumer crops.
+    assert isinstance(kept, MaterializedDataset)
+    assert {tuple(row["input"].shape) for row in kept.iter_rows()} == {(3, h, w) for w, h in IMAGE_SIZES["train"]}
+    crop = PairCrop(crop_size=CROP, random_crop=True, augment=True, seed=7)
     streamed = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=7)
-    kept_epochs, streamed_epochs = [by_id(kept) for _ in range(2)], [by_id(streamed) for _ in range(2)]
-    for kept_pairs, streamed_pairs in zip(kept_epochs, streamed_epochs, strict=True):
+    kept_epochs = [kept_crops(kept, crop, epoch) for epoch in range(2)]
+    for kept_pairs in kept_epochs:
+        streamed_pairs = by_id(streamed)
         assert sorted(kept_pairs) == sorted(streamed_pairs) == sorted(f"train/{i}" for i in range(len(IMAGE_SIZES["train"])))
         for row_id, (source, target) in kept_pairs.items():
             np.testing.assert_array_equal(source, streamed_pairs[row_id][0], err_msg=row_id)
             np.testing.assert_array_equal(target, streamed_pairs[row_id][1], err_msg=row_id)
     assert sum(not np.array_equal(kept_epochs[0][i][0], kept_epochs[1][i][0]) for i in kept_epochs[0]) >= 4
+    # iter_pairs crops in its collate: the same crops, as float tensors in [0, 1].
+    batches = list(iter_pairs(kept, batch_size=1, crop=crop, epoch=1))
+    expected = kept_epochs[1]
+    ids = [str(row["id"]) for row in kept.iter_rows()]
+    for row_id, (inputs, targets) in zip(ids, batches, strict=True):
+        assert inputs.shape == (1, 3, CROP, CROP) and inputs.dtype == torch.float32
+        np.testing.assert_allclose(inputs[0].numpy() * 255, expected[row_id][0], atol=1e-3, err_msg=row_id)
+        np.testing.assert_allclose(targets[0].numpy() * 255, expected[row_id][1], atol=1e-3, err_msg=row_id)
 
 
 def test_reads_shards_from_s3(ray_cluster, s3_bucket):
@@ -292,14 +316,17 @@ def test_corrupt_row_error_names_the_row_and_shard(ray_cluster, tmp_path):
 @pytest.mark.parametrize("keep_decoded", [False, True], ids=["streamed", "kept-decoded"])
 def test_streaming_split_shares_the_rows_between_workers_every_epoch(ray_cluster, dataset_uri, keep_decoded):
     dataset = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=5, keep_decoded=keep_decoded)
+    # A kept split's readers crop it, as the training workers do.
+    crop = PairCrop(crop_size=CROP, random_crop=True, augment=True, seed=5) if keep_decoded else None
     shards = dataset.streaming_split(2, equal=False)
     all_ids = sorted(f"train/{index}" for index in range(len(IMAGE_SIZES["train"])))
     epochs = []
-    for _ in range(2):
+    for epoch in range(2):
         seen: list[dict[str, np.ndarray]] = [{}, {}]
 
         def consume(rank: int) -> None:
             for batch in shards[rank].iter_batches(batch_format="numpy", batch_size=1):
+                batch = crop.crop_batch(batch, epoch) if crop is not None else batch
                 seen[rank].update(zip(map(str, batch["id"]), batch["input"], strict=True))
 
         # A streaming split is consumed by all its readers at once, as Ray Train's workers do.
@@ -311,8 +338,9 @@ def test_streaming_split_shares_the_rows_between_workers_every_epoch(ray_cluster
         assert not set(seen[0]) & set(seen[1])
         assert sorted([*seen[0], *seen[1]]) == all_ids
         epochs.append(seen[0] | seen[1])
-    # Each epoch of the split is a new execution, so the augmentation moves on, and it is
-    # the augmentation of the dataset's own first two passes.
+    # Each epoch of the split is a new execution (or a kept split's reader crops the next
+    # epoch), so the augmentation moves on, and it is the augmentation of the dataset's own
+    # first two passes.
     assert sum(not np.array_equal(epochs[0][row_id], epochs[1][row_id]) for row_id in all_ids) >= 4
     reference = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=5)
     for epoch in epochs:

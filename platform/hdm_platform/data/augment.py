@@ -45,8 +45,8 @@ def _reflect_pad_to(image: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PairCrop:
-    """Crop/augment each pair of a batch of decoded pairs identically: the ``map_batches``
-    function over a split kept decoded in Ray's object store (``build_dataset(...,
+    """Crop/augment each pair of a batch of decoded pairs identically: what the training
+    worker's collate does to a split kept decoded in Ray's object store (``build_dataset(...,
     keep_decoded=True)``), and the second half of :class:`PairTransform`.
 
     Args:
@@ -55,8 +55,6 @@ class PairCrop:
         augment: Random horizontal flip, vertical flip and transpose (90-degree
             rotation) of each patch; together they reach all eight symmetries of the square.
         seed: Base seed of the per-row generators; ``None`` draws from fresh entropy.
-        first_pass: The dataset's execution count at its first pass (epoch 0): a kept split
-            counts its decoding pass (``materialize``) before the first training pass.
 
     A row's crop and flips come from its generator seeded by ``(seed, epoch, row id)``, so a
     pair decoded per pass (:class:`PairTransform`) and a pair kept decoded get the same ones.
@@ -66,19 +64,14 @@ class PairCrop:
     random_crop: bool
     augment: bool
     seed: int | None
-    first_pass: int = 0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = self._epoch()
+    def crop_batch(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+        """A numpy batch of decoded CHW pairs (``id``, ``input``, ``target``), cropped."""
         pairs = [
             self.crop_pair(str(row_id), source.transpose(1, 2, 0), target.transpose(1, 2, 0), epoch)
             for row_id, source, target in zip(batch["id"], batch["input"], batch["target"], strict=True)
         ]
         return self._batch(batch["id"], pairs)
-
-    def _epoch(self) -> int:
-        # The task's DataContext carries the number of completed passes of the dataset.
-        return completed_passes(DataContext.get_current()) - self.first_pass
 
     def crop_pair(
         self, row_id: str, source: np.ndarray, target: np.ndarray, epoch: int
@@ -152,7 +145,8 @@ class PairTransform(PairCrop):
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = self._epoch()
+        # The task's DataContext carries the number of completed passes of the dataset.
+        epoch = completed_passes(DataContext.get_current())
         pairs = [
             self._pair(row_id, input_bytes, target_bytes, shard, epoch)
             for row_id, input_bytes, target_bytes, shard in zip(

@@ -25,7 +25,10 @@ starts at 0 and grows by one each time a pass over the dataset completes (the co
 behind Ray's ``FileShuffleConfig(reseed_after_execution=True)`` and
 ``ray.data.expressions.random``), so each epoch sees new crops and flips, and its read
 units come in a new order drawn from ``(seed, epoch)``, while a rerun with the same seed
-sees the same sequence. Without a seed both are drawn from fresh entropy.
+sees the same sequence. Without a seed both are drawn from fresh entropy. A small training
+split kept decoded (``keep_decoded``) is cropped by its consumer instead, with the epoch the
+consumer passes to :func:`iter_pairs`: the training loop's epoch, which also counts on
+across a resumed run.
 
 Images smaller than the crop are reflect-padded (mirror without repeating the edge
 pixel, ``numpy.pad(mode="reflect")``), split as evenly as possible between the two sides
@@ -35,7 +38,6 @@ a full-size patch whose content stays aligned across the pair.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,7 +49,7 @@ from torch import Tensor
 
 from hdm_platform.data.augment import CorruptPairError, PairCrop, PairTransform
 from hdm_platform.data.manifest import Manifest
-from hdm_platform.data.shard_source import ShardDatasource, completed_passes
+from hdm_platform.data.shard_source import ShardDatasource
 from hdm_platform.data.storage import open_filesystem
 
 __all__ = [
@@ -118,11 +120,12 @@ def build_dataset(
             ``map_batches`` batch size (read units are then this many pairs or one row
             group, whichever is larger); by default
             :data:`CROPPED_DECODE_BATCH_SIZE` with a crop, else :data:`FULL_IMAGE_DECODE_BATCH_SIZE`.
-        keep_decoded: Decode the split now, once, and keep its full-size pairs in Ray's
-            object store when its shards hold at most :data:`KEEP_DECODED_MAX_SHARD_BYTES`;
-            each pass then only crops them (:class:`PairCrop`: a training pass gets the same
-            crops and flips as a decoding pass of the same seed and epoch). A larger split
-            streams as usual.
+        keep_decoded: Decode the split now, once, and keep its pairs in Ray's object store
+            (a ``MaterializedDataset``) when its shards hold at most
+            :data:`KEEP_DECODED_MAX_SHARD_BYTES`; a larger split streams as usual. A kept
+            training split holds the full-size pairs, and whoever iterates it crops them
+            (``iter_pairs(..., crop=PairCrop(...), epoch=...)``: the same crops and flips as a
+            decoding pass of the same seed and epoch), so a pass over it runs no Ray task.
 
     Returns:
         Rows ``{"id": str, "input": uint8 [3, h, w], "target": uint8 [3, h, w]}``;
@@ -145,12 +148,9 @@ def build_dataset(
     if not train:
         # Validation reads the same pairs (full images or centre crops) every pass: keep those.
         return _decoded_pairs(shard_uris, storage_options, crop, decode_batch_size, train=False).materialize()
+    # Training keeps the full-size pairs; each pass's crops are the consumer's (iter_pairs).
     full_size = PairCrop(crop_size=None, random_crop=False, augment=False, seed=seed)
-    kept = _decoded_pairs(shard_uris, storage_options, full_size, FULL_IMAGE_DECODE_BATCH_SIZE, train=False).materialize()
-    crop = dataclasses.replace(crop, first_pass=completed_passes(kept.context))
-    cropped = kept.map_batches(crop, batch_format="numpy", batch_size=None, zero_copy_batch=True)
-    cropped.context.op_resource_reservation_enabled = False
-    return cropped
+    return _decoded_pairs(shard_uris, storage_options, full_size, FULL_IMAGE_DECODE_BATCH_SIZE, train=False).materialize()
 
 
 def _decoded_pairs(
@@ -189,9 +189,17 @@ def _decoded_pairs(
 
 
 class _PairCollate(NumpyBatchCollateFn):
-    """Numpy uint8 batch -> float32 ``(input, target)`` tensors in [0, 1], without the ids."""
+    """Numpy uint8 batch -> float32 ``(input, target)`` tensors in [0, 1], without the ids;
+    cropped first by ``crop`` in ``epoch`` when there is one."""
+
+    def __init__(self, crop: PairCrop | None = None, epoch: int = 0) -> None:
+        super().__init__()
+        self.crop = crop
+        self.epoch = epoch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[Tensor, Tensor]:
+        if self.crop is not None:
+            batch = self.crop.crop_batch(batch, self.epoch)
         return self._tensor(batch, "input"), self._tensor(batch, "target")
 
     @staticmethod
@@ -216,6 +224,8 @@ def iter_pairs(
     local_shuffle_buffer_size: int | None = None,
     seed: int | None = None,
     drop_last: bool = False,
+    crop: PairCrop | None = None,
+    epoch: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches of ``(input, target)`` float32 tensors ``[B, 3, h, w]`` from a pair dataset.
 
@@ -230,6 +240,9 @@ def iter_pairs(
         seed: Seed of the local shuffle buffer; pass e.g. ``seed + epoch`` for a new
             buffer order each epoch.
         drop_last: Drop a final batch smaller than ``batch_size``.
+        crop: Crops (and flips) each batch on the consuming worker: the crops of a training
+            split kept decoded (``build_dataset(..., keep_decoded=True)``).
+        epoch: The pass whose crops ``crop`` takes (0 for the first).
     """
     buffer_size = local_shuffle_buffer_size or None
     if buffer_size is not None and buffer_size < batch_size:
@@ -239,7 +252,7 @@ def iter_pairs(
     batches: Any = data_iterator_or_dataset.iter_torch_batches(
         batch_size=batch_size,
         device="auto" if device is None else device,
-        collate_fn=_PairCollate(),
+        collate_fn=_PairCollate(crop, epoch),
         drop_last=drop_last,
         local_shuffle_buffer_size=buffer_size,
         local_shuffle_seed=seed,

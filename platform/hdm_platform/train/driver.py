@@ -38,6 +38,7 @@ from ray.train import (
     UserCallback,
 )
 from ray.data import DataContext
+from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from hdm_model.losses import VGG_WEIGHTS_HELP
@@ -169,8 +170,9 @@ def build_trainer(
             seed=train.seed,
             storage_options=options,
             augment=data.augment,
-            # A small training set is decoded once per run and only cropped each epoch, so
-            # an epoch starts without a burst of decoding (an ITS-sized one streams).
+            # A small training set is decoded once per run and only cropped each epoch, by
+            # the workers, so an epoch starts without a burst of decoding or any Ray task
+            # (an ITS-sized one streams).
             keep_decoded=True,
         ),
         "val": build_dataset(
@@ -190,6 +192,7 @@ def build_trainer(
         mlflow_run_id=mlflow_run_id,
         fault_injection=vars(fault_injection) if fault_injection is not None else None,
         progress_channel=progress_channel,
+        crop_in_worker=isinstance(datasets["train"], MaterializedDataset),
     )
     storage_path, storage_filesystem = ray_storage(config.run.resolved_storage_path(), options)
     return TorchTrainer(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from hdm_model.losses import EnhancementLoss
 from hdm_model.inference import resolve_precision
 from hdm_model.metrics import image_metrics
 from hdm_platform.config import ExperimentConfig
-from hdm_platform.data.pipeline import iter_pairs
+from hdm_platform.data.pipeline import PairCrop, iter_pairs
 from hdm_platform.tracking.mlflow_run import TrackedRun, image_grid
 from hdm_platform.train.progress import report_progress
 from hdm_platform.train.training_state import (
@@ -56,6 +56,8 @@ __all__ = [
     "FaultInjection",
     "LoopSettings",
     "PSNR_CAP_DB",
+    "ReplayedBatches",
+    "VALIDATION_CACHE_MAX_BYTES",
     "Throughput",
     "VAL_METRICS",
     "train_loop_per_worker",
@@ -65,6 +67,9 @@ __all__ = [
 VAL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "l1")
 #: An output identical to its target has infinite PSNR; it counts as this in averages.
 PSNR_CAP_DB = 100.0
+#: A worker keeps its share of the validation batches (float32 tensors on its device) after
+#: the first validation when they take at most this much memory.
+VALIDATION_CACHE_MAX_BYTES = 256 * 2**20
 
 @dataclass
 class Throughput:
@@ -80,6 +85,32 @@ class Throughput:
     @property
     def per_second(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+class ReplayedBatches:
+    """Tensor batches from ``read()``, kept after the first full pass and replayed by the
+    later ones when they take at most ``max_bytes``; read anew on every pass otherwise."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[Tensor, Tensor]]], *, max_bytes: int) -> None:
+        self.read = read
+        self.max_bytes = max_bytes
+        self.kept: list[tuple[Tensor, Tensor]] | None = None
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept: list[tuple[Tensor, Tensor]] | None = []
+        kept_bytes = 0
+        for inputs, targets in self.read():
+            if kept is not None:
+                kept_bytes += inputs.nbytes + targets.nbytes
+                if kept_bytes <= self.max_bytes:
+                    kept.append((inputs, targets))
+                else:
+                    kept = None
+            yield inputs, targets
+        self.kept = kept
 
 
 @dataclass(frozen=True)
@@ -113,6 +144,8 @@ class LoopSettings:
     mlflow_run_id: str | None = None
     fault_injection: dict[str, Any] | None = None
     progress_channel: str | None = None
+    #: The train dataset holds full-size pairs kept decoded: each worker crops its batches.
+    crop_in_worker: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +155,7 @@ class LoopSettings:
             "mlflow_run_id": self.mlflow_run_id,
             "fault_injection": self.fault_injection,
             "progress_channel": self.progress_channel,
+            "crop_in_worker": self.crop_in_worker,
         }
 
     @classmethod
@@ -177,6 +211,9 @@ class _Trainer:
         self.throughput = Throughput()
         self.resumed_from: int | None = None
         self.validated_step = -1
+        # This rank's share of the validation set, read once when it fits on the device: a
+        # validation every epoch then runs no Ray Data execution.
+        self.validation_batches = ReplayedBatches(self._read_validation_batches, max_bytes=VALIDATION_CACHE_MAX_BYTES)
         # Seconds outside the steps, logged with the next validation: where an epoch's wall
         # time goes besides training (the first batch of an epoch waits for the dataset's
         # new execution).
@@ -266,6 +303,11 @@ class _Trainer:
     def _batches(self, shard: Any, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         data = self.experiment.data
         buffer = data.shuffle_buffer_size if data.shuffle_buffer_size >= self.per_worker_batch else None
+        crop = (
+            PairCrop(crop_size=data.crop_size, random_crop=True, augment=data.augment, seed=self.experiment.train.seed)
+            if self.settings.crop_in_worker
+            else None
+        )
         return iter_pairs(
             shard,
             batch_size=self.per_worker_batch,
@@ -273,6 +315,8 @@ class _Trainer:
             local_shuffle_buffer_size=buffer,
             seed=self._shuffle_seed(epoch),
             drop_last=True,
+            crop=crop,
+            epoch=epoch,
         )
 
     def _shuffle_seed(self, epoch: int) -> int:
@@ -361,7 +405,7 @@ class _Trainer:
         sums = torch.zeros(len(VAL_METRICS) + 1, dtype=torch.float64, device=self.device)
         shown: list[tuple[Tensor, Tensor, Tensor]] = []
         wanted = self.experiment.train.logged_val_images if self.tracker is not None else 0
-        for inputs, targets in self._validation_batches():
+        for inputs, targets in self.validation_batches:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 outputs = model(inputs).float()
             values = image_metrics(outputs, targets)
@@ -389,9 +433,9 @@ class _Trainer:
                 self.tracker.log_image_grid(_grid(shown), name=f"val-step-{self.state.step:08d}")
         return metrics
 
-    def _validation_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's share of the validation set, in batches of at most a training batch's
-        pixels.
+    def _read_validation_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's share of the validation set from its Ray dataset, in batches of at most
+        a training batch's pixels.
 
         The whole val set comes to every worker (not split); pair i belongs to rank
         i mod world_size, so every image is measured exactly once. Full images (no
