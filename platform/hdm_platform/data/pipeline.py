@@ -145,12 +145,11 @@ def build_dataset(
     small = sum(shard.bytes for shard in manifest.splits[split].shards) <= KEEP_DECODED_MAX_SHARD_BYTES
     if not (keep_decoded and small):
         return _decoded_pairs(shard_uris, storage_options, crop, decode_batch_size, train=train)
-    if not train:
-        # Validation reads the same pairs (full images or centre crops) every pass: keep those.
-        return _decoded_pairs(shard_uris, storage_options, crop, decode_batch_size, train=False).materialize()
-    # Training keeps the full-size pairs; each pass's crops are the consumer's (iter_pairs).
-    full_size = PairCrop(crop_size=None, random_crop=False, augment=False, seed=seed)
-    return _decoded_pairs(shard_uris, storage_options, full_size, FULL_IMAGE_DECODE_BATCH_SIZE, train=False).materialize()
+    # Validation keeps the pairs it reads every pass (full images or centre crops); training
+    # keeps the full-size pairs, and each pass's crops are the consumer's (iter_pairs).
+    if train:
+        crop, decode_batch_size = PairCrop(crop_size=None, random_crop=False, augment=False, seed=seed), FULL_IMAGE_DECODE_BATCH_SIZE
+    return _decoded_pairs(shard_uris, storage_options, crop, decode_batch_size, train=False).materialize()
 
 
 def _decoded_pairs(

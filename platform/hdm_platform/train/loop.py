@@ -211,6 +211,12 @@ class _Trainer:
         self.throughput = Throughput()
         self.resumed_from: int | None = None
         self.validated_step = -1
+        data = self.experiment.data
+        self.train_crop = (
+            PairCrop(crop_size=data.crop_size, random_crop=True, augment=data.augment, seed=train.seed)
+            if settings.crop_in_worker
+            else None
+        )
         # This rank's share of the validation set, read once when it fits on the device: a
         # validation every epoch then runs no Ray Data execution.
         self.validation_batches = ReplayedBatches(self._read_validation_batches, max_bytes=VALIDATION_CACHE_MAX_BYTES)
@@ -303,11 +309,6 @@ class _Trainer:
     def _batches(self, shard: Any, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         data = self.experiment.data
         buffer = data.shuffle_buffer_size if data.shuffle_buffer_size >= self.per_worker_batch else None
-        crop = (
-            PairCrop(crop_size=data.crop_size, random_crop=True, augment=data.augment, seed=self.experiment.train.seed)
-            if self.settings.crop_in_worker
-            else None
-        )
         return iter_pairs(
             shard,
             batch_size=self.per_worker_batch,
@@ -315,7 +316,7 @@ class _Trainer:
             local_shuffle_buffer_size=buffer,
             seed=self._shuffle_seed(epoch),
             drop_last=True,
-            crop=crop,
+            crop=self.train_crop,
             epoch=epoch,
         )
 
