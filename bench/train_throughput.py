@@ -21,7 +21,9 @@ epochs through ``fit``. An epoch's wall time is the time between two consecutive
 validation metrics in MLflow (their timestamps): its steps, its validation, its checkpoint
 and its logging. The baseline is the same number of steps of the same model, batch and crop
 in the plain loop (one process x 2 threads, mean step, at the precision the run resolved
-``auto`` to: bf16 on CPUs with AMX). Goal: plain / platform >= 0.9.
+``auto`` to: bf16 on CPUs with AMX), timed before Ray starts and again after it stops, and
+the ratio takes the mean of the two (a shared machine's speed drifts by 10-20% over the
+minutes in between). Goal: plain / platform >= 0.9.
 ``--no-platform`` times only the plain loops.
 
     .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--crop 64] [--epochs 3] [--no-platform]
@@ -50,7 +52,7 @@ from hdm_model.losses import EnhancementLoss
 from hdm_platform.config import load_config, validate_config
 from hdm_platform.data.synth import synthesize
 from hdm_platform.evaluate import iter_split_pairs
-from hdm_platform.train.driver import fit
+from hdm_platform.train.driver import fit, preflight
 
 QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "quickstart-cpu.yaml"
 #: scripts/quickstart.sh's dataset size.
@@ -120,7 +122,9 @@ OVERHEAD_METRICS = ("first_batch_seconds", "validation_seconds", "checkpoint_sec
 
 
 class ShortEpochs(NamedTuple):
-    plain_epoch_seconds: float
+    #: The plain loop's epoch before Ray starts and after it stops: a shared machine's speed
+    #: drifts over minutes, and the platform's epochs run in between.
+    plain_epoch_seconds: tuple[float, float]
     #: The platform's epochs after the first.
     epoch_walls: list[float]
     steps_per_epoch: int
@@ -133,7 +137,7 @@ class ShortEpochs(NamedTuple):
 
 def short_epochs(root: Path, epochs: int) -> ShortEpochs:
     """The quickstart's experiment for ``epochs`` (at least 2) epochs, and the plain loop
-    over one epoch's steps."""
+    over one epoch's steps before and after it."""
     dataset = str(root / "quickstart-ds")
     synthesize("builtin", dataset, task="dehaze", count=QUICKSTART_PAIRS, size=(96, 96),
                val_fraction=0.05, test_fraction=0.05, seed=0, workers=2, progress=False)  # fmt: skip
@@ -142,11 +146,26 @@ def short_epochs(root: Path, epochs: int) -> ShortEpochs:
         f"data.uri={dataset}", f"train.epochs={epochs}", f"run.storage_path={root / 'runs-quickstart'}",
         f"mlflow.tracking_uri={tracking_uri}", "mlflow.register_model=false",
     ])  # fmt: skip
+    steps_per_epoch = preflight(config)
+    images = [(source, target) for _, source, target in iter_split_pairs(dataset, "train")]
+    # The precision the platform's run resolves "auto" to: bf16 on CPUs with AMX.
+    precision = resolve_precision(config.train.precision, "cpu")
+
+    def plain_epoch() -> float:
+        seconds = plain_loop_step_seconds(
+            images, model_config=config.model.to_hdm_config(), steps=steps_per_epoch + 1,
+            batch=config.train.batch_size, crop=config.data.crop_size, threads=2, bf16=precision == "bf16",
+            ema_decay=config.train.ema_decay, grad_clip_norm=config.train.grad_clip_norm,
+        )  # fmt: skip
+        return float(np.mean(seconds[1:])) * steps_per_epoch
+
+    plain_before = plain_epoch()
     ray.init(num_cpus=3, include_dashboard=False)
     try:
         outcome = fit(config)
     finally:
         ray.shutdown()
+    plain_after = plain_epoch()
     client = mlflow.MlflowClient(tracking_uri)
 
     def history(key: str) -> list[Any]:
@@ -160,18 +179,10 @@ def short_epochs(root: Path, epochs: int) -> ShortEpochs:
     epoch_walls = [
         (later.timestamp - earlier.timestamp) / 1000 for earlier, later in zip(validations, validations[1:])
     ]
-    steps_per_epoch = validations[1].step - validations[0].step
-    images = [(source, target) for _, source, target in iter_split_pairs(dataset, "train")]
-    # The precision the platform's run resolved "auto" to: bf16 on CPUs with AMX.
-    precision = resolve_precision(config.train.precision, "cpu")
-    plain = plain_loop_step_seconds(
-        images, model_config=config.model.to_hdm_config(), steps=steps_per_epoch + 1,
-        batch=config.train.batch_size, crop=config.data.crop_size, threads=2, bf16=precision == "bf16",
-        ema_decay=config.train.ema_decay, grad_clip_norm=config.train.grad_clip_norm,
-    )  # fmt: skip
-    plain_epoch = float(np.mean(plain[1:])) * steps_per_epoch
     val_psnr = float(outcome.metrics["val_psnr"])
-    return ShortEpochs(plain_epoch, epoch_walls, steps_per_epoch, val_psnr, overheads, precision)
+    return ShortEpochs(
+        (plain_before, plain_after), epoch_walls, steps_per_epoch, val_psnr, overheads, precision
+    )
 
 
 def main() -> None:
@@ -246,10 +257,12 @@ def main() -> None:
     if platform is not None:
         print(f"platform  Ray Train 2 workers x 1 thread, Ray Data shards: {platform:8.2f} samples/s")
     if epochs is not None:
-        plain_epoch, epoch_walls, steps_per_epoch, val_psnr, overheads, precision = epochs
+        (plain_before, plain_after), epoch_walls, steps_per_epoch, val_psnr, overheads, precision = epochs
+        plain_epoch = (plain_before + plain_after) / 2
         platform_epoch = float(np.median(epoch_walls))
         print(f"short epochs, the quickstart's experiment ({steps_per_epoch} steps, validation, checkpoint):")
-        print(f"  plain loop, the same {steps_per_epoch} steps ({precision}, as the platform's):  {plain_epoch:8.2f} s")
+        print(f"  plain loop, the same {steps_per_epoch} steps ({precision}, as the platform's), before and "
+              f"after the platform's run: {plain_before:.2f} s, {plain_after:.2f} s; mean {plain_epoch:.2f} s")  # fmt: skip
         print(f"  platform epochs after the first (MLflow timestamps): "
               f"{' '.join(f'{wall:.2f}' for wall in epoch_walls)} s; median {platform_epoch:.2f} s; "
               f"val PSNR {val_psnr:.2f} dB")  # fmt: skip

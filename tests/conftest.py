@@ -22,6 +22,8 @@ import s3fs
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from hdm_platform.local import MLFLOW_SERVER_ENVIRONMENT
+
 _S3_ENVIRONMENT = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -109,8 +111,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ]  # fmt: skip
     # Its own process group: `mlflow server` starts uvicorn as a child, and both must stop.
     server = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True
-    )
+        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **MLFLOW_SERVER_ENVIRONMENT},
+        start_new_session=True,
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + _MLFLOW_STARTUP_TIMEOUT_S
         while not _healthy(uri):

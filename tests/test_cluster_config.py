@@ -75,6 +75,8 @@ def test_nodes_install_the_project_and_share_mlflow_and_auth(cluster):
     head_start = " ".join(cluster["head_start_ray_commands"])
     worker_start = " ".join(cluster["worker_start_ray_commands"])
     assert "mlflow server" in head_start and "--artifacts-destination s3://" in head_start
+    # No MLflow server jobs (a dozen idle consumer processes) on the head beside Ray.
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in head_start
     for commands in (head_start, worker_start):
         assert "RAY_AUTH_MODE=token" in commands
         assert "MLFLOW_TRACKING_URI=http://" in commands

@@ -289,6 +289,34 @@ def test_a_small_training_split_kept_decoded_gets_the_crops_of_a_decoding_pass(r
         np.testing.assert_allclose(targets[0].numpy() * 255, expected[row_id][1], atol=1e-3, err_msg=row_id)
 
 
+def test_workers_sharing_a_kept_split_take_disjoint_rows_of_each_global_batch(ray_cluster, dataset_uri):
+    kept = build_dataset(dataset_uri, "train", crop_size=CROP, train=True, seed=7, keep_decoded=True)
+    crop = PairCrop(crop_size=CROP, random_crop=True, augment=True, seed=7)
+    expected = kept_crops(kept, crop, epoch=2)
+    # Each worker iterates the whole split in the same shuffled order and keeps rows rank::2.
+    shares = [
+        list(iter_pairs(kept, batch_size=1, local_shuffle_buffer_size=4, seed=3, drop_last=True, crop=crop, epoch=2, share=(rank, 2)))
+        for rank in range(2)
+    ]
+    assert [len(batches) for batches in shares] == [3, 3]
+    indices: list[list[int]] = [[], []]
+    for rank, batches in enumerate(shares):
+        for inputs, targets in batches:
+            assert inputs.shape == (1, 3, CROP, CROP)
+            index = int(round(float(inputs[0, 2].mean()) * 255))  # the blue channel holds the row index
+            indices[rank].append(index)
+            np.testing.assert_allclose(inputs[0].numpy() * 255, expected[f"train/{index}"][0], atol=1e-3)
+            np.testing.assert_allclose(targets[0].numpy() * 255, expected[f"train/{index}"][1], atol=1e-3)
+    assert sorted(indices[0] + indices[1]) == list(range(6))
+    # The shared order is the local shuffle's, the same for every worker given one seed.
+    reshuffled = list(iter_pairs(kept, batch_size=1, local_shuffle_buffer_size=4, seed=4, drop_last=True, crop=crop, epoch=2, share=(0, 2)))
+    assert [int(round(float(inputs[0, 2].mean()) * 255)) for inputs, _ in reshuffled] != indices[0]
+    with pytest.raises(ValueError, match="rank 2 is not one of 2"):
+        next(iter_pairs(kept, batch_size=1, share=(2, 2)))
+    with pytest.raises(ValueError, match="times the consumers"):
+        next(iter_pairs(kept, batch_size=2, local_shuffle_buffer_size=3, share=(0, 2)))
+
+
 def test_reads_shards_from_s3(ray_cluster, s3_bucket):
     uri = f"{s3_bucket}/datasets/tiny"
     rows = [pair_row(f"s3/{index}", "train", coordinate_image(20, 20, index)) for index in range(4)]

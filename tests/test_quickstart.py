@@ -125,12 +125,34 @@ def test_quickstart_compares_the_model_with_the_input_and_dcp(quickstart):
         assert picture.width > 4 * 96 and picture.height > 4 * 96
 
 
+def descendant_commands(pid: int) -> list[str]:
+    """The command lines of every process below ``pid``, from ``/proc``."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (ValueError, OSError):
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    below, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        below += children
+        frontier = children
+    return [commands[child] for child in below]
+
+
 def test_local_services_are_reused_then_stopped(quickstart):
     environment, _ = quickstart
     again = subprocess.run([HDM, "local", "up"], env=environment, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("reusing:")
     state = json.loads((Path(environment["HDM_HOME"]) / "services.json").read_text())
+    # After the whole quickstart, the MLflow server has started no job consumers (MLflow 3.x's
+    # default: about nine idle processes competing with training for the 2 cores).
+    assert not [command for command in descendant_commands(state["mlflow_pid"]) if "huey" in command]
     down = subprocess.run([HDM, "local", "down"], env=environment, capture_output=True, text=True, timeout=120)
     assert down.stdout.strip() == "stopped: ray head, mlflow server"
     for pid in (state["ray_pid"], state["mlflow_pid"]):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from click.testing import CliRunner
+from mlflow.exceptions import MlflowException
 
 from hdm_model import build_hdm, save_checkpoint, variant_config
 from hdm_platform.cli.model import model as models_command
@@ -49,6 +52,32 @@ def test_a_ray_run_name_maps_to_one_mlflow_run(mlflow_server):
     assert run.data.tags["param_change.train.epochs"] == "4"
     history = resumed.client.get_metric_history(resumed.run_id, "train/loss")
     assert [(point.step, point.value) for point in history] == [(1, 0.5), (2, 0.25)]
+
+
+def test_a_background_handle_logs_in_order_and_flush_waits_for_all_of_it(mlflow_server):
+    run = TrackedRun.start_or_resume(
+        tracking_uri=mlflow_server, experiment="background-test", run_name="bg", storage_path="/runs"
+    )
+    background = TrackedRun.for_run(mlflow_server, run.run_id, background=True)
+    logged_after = time.time() * 1000
+    for step in range(6):
+        background.log_metrics({"train_loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+        background.log_image_grid(image_grid(torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)), name=f"val-step-{step:08d}")
+    background.flush()
+
+    history = sorted(run.client.get_metric_history(run.run_id, "train_loss"), key=lambda point: point.step)
+    assert [(point.step, point.value) for point in history] == [(step, 1.0 / (step + 1)) for step in range(6)]
+    # Timestamps are those of the calls, not of the background writes.
+    assert all(logged_after - 1000 <= point.timestamp <= time.time() * 1000 for point in history)
+    assert [point.timestamp for point in history] == sorted(point.timestamp for point in history)
+    images = {info.path for info in run.client.list_artifacts(run.run_id, "images")}
+    assert images == {f"images/val-step-{step:08d}.png" for step in range(6)}
+
+    # A write that fails in the background fails the flush (or the next call).
+    missing = TrackedRun.for_run(mlflow_server, "0" * 32, background=True)
+    with pytest.raises(MlflowException):
+        missing.log_metrics({"train_loss": 1.0}, step=0)
+        missing.flush()
 
 
 def test_registered_model_reloads_without_extra_files_and_aliases_move(mlflow_server, tmp_path):

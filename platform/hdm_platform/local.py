@@ -13,7 +13,8 @@
   cores (``LOGICAL_CPUS``): two training workers, the input pipeline and the Serve
   replicas must all be schedulable at once; logical CPUs only gate scheduling.
 * **MLflow**: ``mlflow server`` over ``$HDM_HOME/mlflow.db`` (SQLite), artifacts proxied
-  into ``$HDM_HOME/mlartifacts``; its UI is the tracking URI itself.
+  into ``$HDM_HOME/mlartifacts``; its UI is the tracking URI itself. Without MLflow's
+  server-side job execution (:data:`MLFLOW_SERVER_ENVIRONMENT`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from hdm_model.atomic import write_bytes_atomically
 
 __all__ = [
     "LOGICAL_CPUS",
+    "MLFLOW_SERVER_ENVIRONMENT",
     "Ports",
     "ServiceError",
     "Services",
@@ -47,6 +49,11 @@ __all__ = [
 
 #: Logical CPUs of the local head, at least (more if the machine has more cores).
 LOGICAL_CPUS = 6
+#: ``mlflow server``'s environment. Since MLflow 3.x the server runs jobs (GenAI evaluation,
+#: prompt optimisation, trace roll-ups) by default, in about nine Huey consumer processes
+#: that together took 0.7 of a core while idle on the 2-core machine, beside training; the
+#: platform runs no such jobs.
+MLFLOW_SERVER_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 _STATE_FILE = "services.json"
 _START_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 15.0
@@ -170,7 +177,7 @@ def _start_mlflow(home: Path, ports: Ports, log: Path) -> int:
         "--artifacts-destination", str(home / "mlartifacts"),
         "--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1",
     ]  # fmt: skip
-    process = _spawn(command, log, dict(os.environ))
+    process = _spawn(command, log, {**os.environ, **MLFLOW_SERVER_ENVIRONMENT})
     _wait_for(f"http://127.0.0.1:{ports.mlflow}/health", process, log, "mlflow server")
     return process.pid
 

@@ -188,15 +188,18 @@ def _decoded_pairs(
 
 
 class _PairCollate(NumpyBatchCollateFn):
-    """Numpy uint8 batch -> float32 ``(input, target)`` tensors in [0, 1], without the ids;
-    cropped first by ``crop`` in ``epoch`` when there is one."""
+    """Numpy uint8 batch -> float32 ``(input, target)`` tensors in [0, 1], without the ids:
+    rows ``rank::count`` of the batch, cropped first by ``crop`` in ``epoch`` when there is one."""
 
-    def __init__(self, crop: PairCrop | None = None, epoch: int = 0) -> None:
+    def __init__(self, crop: PairCrop | None = None, epoch: int = 0, share: tuple[int, int] = (0, 1)) -> None:
         super().__init__()
         self.crop = crop
         self.epoch = epoch
+        self.rank, self.count = share
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[Tensor, Tensor]:
+        if self.count > 1:
+            batch = {column: values[self.rank :: self.count] for column, values in batch.items()}
         if self.crop is not None:
             batch = self.crop.crop_batch(batch, self.epoch)
         return self._tensor(batch, "input"), self._tensor(batch, "target")
@@ -225,6 +228,7 @@ def iter_pairs(
     drop_last: bool = False,
     crop: PairCrop | None = None,
     epoch: int = 0,
+    share: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches of ``(input, target)`` float32 tensors ``[B, 3, h, w]`` from a pair dataset.
 
@@ -242,16 +246,24 @@ def iter_pairs(
         crop: Crops (and flips) each batch on the consuming worker: the crops of a training
             split kept decoded (``build_dataset(..., keep_decoded=True)``).
         epoch: The pass whose crops ``crop`` takes (0 for the first).
+        share: ``(rank, count)``: ``count`` consumers each iterate the whole dataset in the
+            same order (the same ``seed``), and this one takes rows ``rank::count`` of every
+            ``count * batch_size``: how the training workers divide a training split kept
+            decoded, with no streaming split (and its coordinating actor) between them.
     """
+    rank, count = share
+    if not 0 <= rank < count:
+        raise ValueError(f"share: rank {rank} is not one of {count} consumers")
     buffer_size = local_shuffle_buffer_size or None
-    if buffer_size is not None and buffer_size < batch_size:
+    if buffer_size is not None and buffer_size < batch_size * count:
         raise ValueError(
-            f"local_shuffle_buffer_size ({buffer_size}) must be at least batch_size ({batch_size})"
+            f"local_shuffle_buffer_size ({buffer_size}) must be at least batch_size ({batch_size}) "
+            f"times the consumers sharing the batches ({count})"
         )
     batches: Any = data_iterator_or_dataset.iter_torch_batches(
-        batch_size=batch_size,
+        batch_size=batch_size * count,
         device="auto" if device is None else device,
-        collate_fn=_PairCollate(crop, epoch),
+        collate_fn=_PairCollate(crop, epoch, share),
         drop_last=drop_last,
         local_shuffle_buffer_size=buffer_size,
         local_shuffle_seed=seed,

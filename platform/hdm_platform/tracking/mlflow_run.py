@@ -18,12 +18,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.utils.async_logging.run_operations import RunOperations
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from PIL import Image
 from torch import Tensor
@@ -106,17 +108,25 @@ def find_latest_run(client: MlflowClient, experiment: str, tags: Mapping[str, st
 class TrackedRun:
     """Rank 0's handle on the MLflow run of one training run.
 
-    Use :meth:`start_or_resume`; the constructor only wraps an existing run id.
+    Use :meth:`start_or_resume`; the constructor only wraps an existing run id. A handle
+    made with ``background=True`` (the training loop's) logs metrics through MLflow's
+    asynchronous logging and uploads image grids from a thread of its own, each with one
+    call in flight, so that training steps do not wait for the tracking store (a database
+    write or an HTTP round trip per call); :meth:`flush` waits for both.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, *, background: bool = False) -> None:
         self.client = client
         self.run_id = run_id
+        self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdm-mlflow") if background else None
+        self._metrics_in_flight: RunOperations | None = None
+        self._image_in_flight: Future[None] | None = None
 
     @classmethod
-    def for_run(cls, tracking_uri: str | None, run_id: str) -> TrackedRun:
+    def for_run(cls, tracking_uri: str | None, run_id: str, *, background: bool = False) -> TrackedRun:
         """A handle on an existing run (what rank 0 gets from the driver)."""
-        return cls(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), run_id)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        return cls(client, run_id, background=background)
 
     @classmethod
     def start_or_resume(
@@ -191,14 +201,40 @@ class TrackedRun:
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         timestamp = _now_ms()
         batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        if self._uploads is None:
+            self.client.log_batch(self.run_id, metrics=batch)
+            return
+        self._wait_for_metrics()
+        self._metrics_in_flight = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=_tag_list(tags))
 
     def log_image_grid(self, grid: Image.Image, *, name: str) -> None:
         """Store ``grid`` as ``images/<name>.png`` in the run's artifacts."""
-        self.client.log_image(self.run_id, grid, artifact_file=f"images/{name}.png")
+        artifact_file = f"images/{name}.png"
+        if self._uploads is None:
+            self.client.log_image(self.run_id, grid, artifact_file=artifact_file)
+            return
+        self._wait_for_image()
+        self._image_in_flight = self._uploads.submit(
+            self.client.log_image, self.run_id, grid, artifact_file=artifact_file
+        )
+
+    def flush(self) -> None:
+        """Wait for the metrics and images still being logged; raises the error of a failed one."""
+        self._wait_for_metrics()
+        self._wait_for_image()
+
+    def _wait_for_metrics(self) -> None:
+        in_flight, self._metrics_in_flight = self._metrics_in_flight, None
+        if in_flight is not None:
+            in_flight.wait()
+
+    def _wait_for_image(self) -> None:
+        in_flight, self._image_in_flight = self._image_in_flight, None
+        if in_flight is not None:
+            in_flight.result()
 
     def log_model_folder(
         self, folder: str | Path, *, metrics: Mapping[str, float] | None = None

@@ -185,6 +185,9 @@ def build_trainer(
             keep_decoded=True,
         ),
     }
+    # A kept training split goes whole to every worker (each takes its rows of each global
+    # batch): a streaming split would run a coordinating actor and an execution per epoch.
+    kept_train_split = isinstance(datasets["train"], MaterializedDataset)
     settings = LoopSettings(
         experiment=config.model_dump(mode="json"),
         steps_per_epoch=steps_per_epoch,
@@ -192,7 +195,7 @@ def build_trainer(
         mlflow_run_id=mlflow_run_id,
         fault_injection=vars(fault_injection) if fault_injection is not None else None,
         progress_channel=progress_channel,
-        crop_in_worker=isinstance(datasets["train"], MaterializedDataset),
+        kept_train_split=kept_train_split,
     )
     storage_path, storage_filesystem = ray_storage(config.run.resolved_storage_path(), options)
     return TorchTrainer(
@@ -218,7 +221,7 @@ def build_trainer(
         datasets=datasets,
         # Ray's split drops rows to give every worker the same count; validation must see
         # every image, so each worker reads the whole val set and measures its share of it.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[] if kept_train_split else ["train"]),
     )
 
 

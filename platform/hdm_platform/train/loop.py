@@ -126,10 +126,13 @@ class FaultInjection:
     step: int
     marker: str
 
-    def maybe_crash(self, *, rank: int, step: int) -> None:
+    def maybe_crash(self, *, rank: int, step: int, tracker: TrackedRun | None = None) -> None:
         if rank != self.rank or step != self.step or os.path.exists(self.marker):
             return
         ray.train.get_all_reported_checkpoints(timeout_s=120)
+        # What was logged before the crash is in MLflow, as a synchronous log would have it.
+        if tracker is not None:
+            tracker.flush()
         Path(self.marker).write_text(f"worker {rank} crashed after step {step}\n")
         os._exit(1)
 
@@ -144,8 +147,9 @@ class LoopSettings:
     mlflow_run_id: str | None = None
     fault_injection: dict[str, Any] | None = None
     progress_channel: str | None = None
-    #: The train dataset holds full-size pairs kept decoded: each worker crops its batches.
-    crop_in_worker: bool = False
+    #: The train dataset is a split kept decoded (full-size pairs), given whole to every
+    #: worker: each takes its rows of every global batch and crops them.
+    kept_train_split: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,7 +159,7 @@ class LoopSettings:
             "mlflow_run_id": self.mlflow_run_id,
             "fault_injection": self.fault_injection,
             "progress_channel": self.progress_channel,
-            "crop_in_worker": self.crop_in_worker,
+            "kept_train_split": self.kept_train_split,
         }
 
     @classmethod
@@ -214,7 +218,7 @@ class _Trainer:
         data = self.experiment.data
         self.train_crop = (
             PairCrop(crop_size=data.crop_size, random_crop=True, augment=data.augment, seed=train.seed)
-            if settings.crop_in_worker
+            if settings.kept_train_split
             else None
         )
         # This rank's share of the validation set, read once when it fits on the device: a
@@ -228,7 +232,7 @@ class _Trainer:
         # DDP after restoring: its construction broadcasts rank 0's (restored) weights.
         self.ddp_model = ray.train.torch.prepare_model(self.model)
         self.tracker = (
-            TrackedRun.for_run(settings.mlflow_tracking_uri, settings.mlflow_run_id)
+            TrackedRun.for_run(settings.mlflow_tracking_uri, settings.mlflow_run_id, background=True)
             if self.rank == 0 and settings.mlflow_run_id
             else None
         )
@@ -260,6 +264,14 @@ class _Trainer:
         self.resumed_from = self.validated_step = restored.step
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            # Rank 0 logs in the background: all of it is in MLflow when the worker ends.
+            if self.tracker is not None:
+                self.tracker.flush()
+
+    def _run(self) -> None:
         if self.tracker is not None and self.resumed_from is not None:
             self.tracker.log_metrics({"resumed_from_step": self.resumed_from}, step=self.resumed_from)
         train_shard = ray.train.get_dataset_shard("train")
@@ -291,7 +303,7 @@ class _Trainer:
             terms = self._step(inputs, targets)
             self.state.step += 1
             if self.fault is not None:
-                self.fault.maybe_crash(rank=self.rank, step=self.state.step)
+                self.fault.maybe_crash(rank=self.rank, step=self.state.step, tracker=self.tracker)
             now = time.perf_counter()
             if batch_index > 0:  # the first step of an epoch also waits for the pipeline to start
                 self.throughput.add(samples=train.batch_size, seconds=now - last_step_end)
@@ -308,21 +320,28 @@ class _Trainer:
 
     def _batches(self, shard: Any, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         data = self.experiment.data
-        buffer = data.shuffle_buffer_size if data.shuffle_buffer_size >= self.per_worker_batch else None
+        # A kept split comes whole to every worker, in one order: each takes its rows of
+        # the global batches. A streamed one is split between them and shuffled per worker.
+        share = (self.rank, self.world_size) if self.settings.kept_train_split else (0, 1)
+        rows_per_batch = self.per_worker_batch * share[1]
+        buffer = data.shuffle_buffer_size if data.shuffle_buffer_size >= rows_per_batch else None
         return iter_pairs(
             shard,
             batch_size=self.per_worker_batch,
             device=self.device,
             local_shuffle_buffer_size=buffer,
-            seed=self._shuffle_seed(epoch),
+            seed=self._shuffle_seed(epoch, per_rank=share[1] == 1),
             drop_last=True,
             crop=self.train_crop,
             epoch=epoch,
+            share=share,
         )
 
-    def _shuffle_seed(self, epoch: int) -> int:
-        """A different local shuffle per (seed, epoch, rank), the same on every rerun."""
-        sequence = np.random.SeedSequence([self.experiment.train.seed, epoch, self.rank])
+    def _shuffle_seed(self, epoch: int, *, per_rank: bool) -> int:
+        """A different local shuffle per (seed, epoch) and, unless the workers share one
+        order, rank; the same on every rerun."""
+        seed = self.experiment.train.seed
+        sequence = np.random.SeedSequence([seed, epoch, self.rank] if per_rank else [seed, epoch])
         return int(sequence.generate_state(1)[0])
 
     def _step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:

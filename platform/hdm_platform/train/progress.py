@@ -8,6 +8,7 @@ driver turns forwarding off (``hdm -v`` turns it back on) and prints what rank 0
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import uuid
@@ -18,22 +19,43 @@ import ray
 
 __all__ = ["ProgressLines", "progress_display", "report_progress"]
 
-_POLL_S = 0.5
+#: The longest a driver's call for lines waits before it asks again.
+_WAIT_S = 10.0
 
 
 @ray.remote(num_cpus=0)
 class ProgressLines:
-    """Lines from the workers, waiting for the driver (no CPU: it must never wait for one)."""
+    """Lines from the workers, waiting for the driver (no CPU: it must never wait for one).
+
+    An asyncio actor: the driver's :meth:`take` waits here until a line arrives, so the
+    display costs one call per line, not a poll every fraction of a second beside the
+    training workers.
+    """
 
     def __init__(self) -> None:
         self._lines: list[str] = []
+        self._arrived = asyncio.Event()
+        self._closed = False
 
-    def put(self, line: str) -> None:
+    async def put(self, line: str) -> None:
         self._lines.append(line)
+        self._arrived.set()
 
-    def take(self) -> list[str]:
+    async def take(self, wait_s: float) -> list[str]:
+        """The lines put since the last call, after waiting up to ``wait_s`` for one."""
+        if not self._lines and not self._closed:
+            try:
+                await asyncio.wait_for(self._arrived.wait(), wait_s)
+            except TimeoutError:
+                pass
+        self._arrived.clear()
         lines, self._lines = self._lines, []
         return lines
+
+    async def close(self) -> None:
+        """Ends a waiting :meth:`take` now, and any later one at once."""
+        self._closed = True
+        self._arrived.set()
 
 
 @contextmanager
@@ -44,8 +66,8 @@ def progress_display() -> Iterator[str]:
     done = threading.Event()
 
     def show() -> None:
-        while not done.wait(_POLL_S):
-            _print(ray.get(lines.take.remote()))
+        while not done.is_set():
+            _print(ray.get(lines.take.remote(_WAIT_S)))
 
     printer = threading.Thread(target=show, name="hdm-progress", daemon=True)
     printer.start()
@@ -53,8 +75,9 @@ def progress_display() -> Iterator[str]:
         yield name
     finally:
         done.set()
+        ray.get(lines.close.remote())
         printer.join()
-        _print(ray.get(lines.take.remote()))
+        _print(ray.get(lines.take.remote(0)))
         ray.kill(lines)
 
 
