@@ -16,9 +16,11 @@ from hdm_platform.cli.data import data
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.synth import (
     BUILTIN_PHOTOS,
+    BUILTIN_SCENES,
     add_haze,
     add_rain,
     builtin_images,
+    compose_scene,
     darken,
     heuristic_depth,
     load_clean_images,
@@ -117,6 +119,26 @@ def test_heuristic_depth_is_far_at_the_top_and_in_bright_colourless_regions() ->
     assert depth[32, 60] > depth[32, 4]
 
 
+def test_scenes_are_made_of_their_photos_with_nearer_shapes_in_front() -> None:
+    red = np.zeros((256, 256, 3), dtype=np.float32)
+    red[..., 0] = np.linspace(0.2, 1.0, 256)[None, :]
+    pixels, depth = compose_scene([red], (48, 32), np.random.default_rng(0))
+    assert pixels.shape == (32, 48, 3) and pixels.dtype == np.uint8 and depth.shape == (32, 48)
+    assert pixels[..., 1:].max() == 0 and pixels[..., 0].min() > 0  # every fill comes from the photos
+    photos = [image.pixels.astype(np.float32) / 255 for image in builtin_images()]
+    scenes = [compose_scene(photos, (64, 64), np.random.default_rng(seed)) for seed in range(12)]
+    depths = np.stack([depth for _, depth in scenes])
+    # A room: the far wall at a third of the photos' far plane, so the haze of add_haze spares
+    # more light than in a landscape (transmission above 0.3 at the strongest beta).
+    assert 0.0 < depths.min() and depths.max() <= 0.4
+    assert np.exp(-1.8 * 1.5 * depths.max()) > 0.3
+    # Depth jumps at shape edges, and brightness does not tell depth (unlike heuristic_depth).
+    jumps = np.abs(np.diff(depths, axis=2))
+    assert (jumps > 0.02).mean() > 0.005 and np.median(jumps) < 0.005
+    brightness = np.stack([pixels.mean(axis=2) for pixels, _ in scenes])
+    assert abs(np.corrcoef(brightness.ravel(), depths.ravel())[0, 1]) < 0.3
+
+
 def test_rain_only_brightens_and_darkening_reduces_brightness() -> None:
     clean = np.full((64, 64, 3), 0.4)
     rainy = add_rain(clean, np.random.default_rng(0))
@@ -161,6 +183,9 @@ def test_splits_are_by_source_photo_and_keep_their_fractions(tmp_path: Path) -> 
     assert photo_splits(BUILTIN_PHOTOS, seed=0, val_fraction=0.0, test_fraction=0.3)["test"] != photo_splits(
         BUILTIN_PHOTOS, seed=1, val_fraction=0.0, test_fraction=0.3
     )["test"]
+    scenes = all_rows(str(synthesize(BUILTIN_SCENES, str(tmp_path / "scenes"), task="dehaze", count=40,
+                                     size=(16, 16), val_fraction=0.2, test_fraction=0.2, progress=False).manifest.uri))  # fmt: skip
+    assert {row["source_target"] for row in scenes} == {f"{BUILTIN_SCENES}:{split} photos" for split in photos}
     with pytest.raises(ValueError, match=r"2 clean photo\(s\) cannot split by photo into 1 test and 1 val"):
         photo_splits(["a", "b"], seed=0, val_fraction=0.1, test_fraction=0.1)
 
@@ -171,6 +196,10 @@ def test_synth_rerun_is_a_noop_and_bad_arguments_are_rejected(tmp_path: Path) ->
     assert again.unchanged and again.manifest.generation == first.manifest.generation
     with pytest.raises(ValueError, match="unknown task 'fog'"):
         synthesize("builtin", str(tmp_path / "x"), task="fog", count=1)
+    with pytest.raises(ValueError, match="builtin-scenes composes scenes of a given size"):
+        synthesize(BUILTIN_SCENES, str(tmp_path / "x"), task="dehaze", count=1, size=None)
+    with pytest.raises(ValueError, match="--size 400 is too large"):
+        synthesize(BUILTIN_SCENES, str(tmp_path / "x"), task="dehaze", count=1, size=(400, 100))
     with pytest.raises(ValueError, match="sum below 1"):
         synthesize(
             "builtin", str(tmp_path / "x"), task="dehaze", count=1, val_fraction=0.6, test_fraction=0.5

@@ -7,6 +7,7 @@ Usage::
         --pair-pattern '(?P<key>\\d+)_.*' SRC s3://bucket/datasets/mine
     hdm data ingest --layout unpaired --task dehaze photos/ datasets/real-hazy
     hdm data synth --task dehaze --count 500 --seed 0 --size 256 builtin datasets/synth-haze
+    hdm data synth --task dehaze --count 480 --size 96 builtin-scenes datasets/scene-haze
     hdm data inspect datasets/sots --contact-sheet sots.png
     hdm data export datasets/sots --split test --side input -o hazy/
 """
@@ -271,7 +272,13 @@ def synth_command(
     no_progress: bool,
     storage_options: dict[str, Any],
 ) -> None:
-    """Render degraded/clean pairs from CLEAN_SOURCE (a folder/URI, or 'builtin') into DEST_URI."""
+    """Render degraded/clean pairs from CLEAN_SOURCE into DEST_URI.
+
+    CLEAN_SOURCE is a folder/URI of clean photos, 'builtin' (crops of the photos shipped in
+    scikit-image, matplotlib and scikit-learn) or 'builtin-scenes' (dead-leaves scenes
+    composed of those photos, with a depth known by construction, to train
+    a dehazer on).
+    """
     from hdm_platform.data.synth import synthesize
 
     try:

@@ -13,6 +13,17 @@ pairs the same ways:
   sigma = 1/16 of the image (bright,
   colourless regions such as sky and haze-like walls read as far). The normalised depth
   is scaled by ``_OPTICAL_DEPTH`` so that transmissions span roughly [0.07, 1].
+* **scenes** (the ``builtin-scenes`` source): "dead leaves"
+  compositions (:func:`compose_scene`) of the built-in photos, whose depth is known by
+  construction: a far wall, then 5-40 occluding shapes (discs, rectangles, ellipses), each
+  nearer than the one before, filled with a crop of a photo or with a photo's colour under a
+  shading gradient and a photo's texture. Depth is then piecewise smooth with jumps at object
+  edges, as in the NYU depth maps that RESIDE hazes, and brightness says nothing about depth:
+  a white wall can be near. A scene is a room, so its far wall sits at ``_SCENE_FAR`` of the
+  photos' far plane: transmissions span about [0.25, 0.97] (SOTS-indoor's, measured from its
+  hazy/clear pairs, 0.41-0.91 between the 5th and 95th percentiles). Trained on photos with
+  the heuristic depth, the quickstart's model learned "bright and flat = dense haze" and
+  repainted real hazy photos; trained on scenes it dehazes them (bench/RESULTS.md, session 12).
 * **rain** (Rain100L/H, Rain200H): 1-3 streak layers added to the image, each a sparse
   random impulse field convolved with a line kernel (motion-blurred noise) of its own
   length (8-30 px at 256 px, scaled with the image), coverage (2-8% of the pixels),
@@ -63,7 +74,9 @@ __all__ = [
     "BUILTIN_PHOTOS",
     "CleanImage",
     "SynthResult",
+    "BUILTIN_SCENES",
     "builtin_images",
+    "compose_scene",
     "photo_splits",
     "load_clean_images",
     "heuristic_depth",
@@ -75,6 +88,7 @@ __all__ = [
 ]
 
 BUILTIN = "builtin"
+BUILTIN_SCENES = "builtin-scenes"
 BUILTIN_PHOTOS = (
     "astronaut", "coffee", "chelsea", "rocket", "motorcycle", "grace_hopper", "china", "flower"
 )  # fmt: skip
@@ -84,6 +98,7 @@ sample images."""
 
 _DEPTH_FOLDERS = {"depth": False, "disparity": True}  # folder -> values are inverse depth
 _OPTICAL_DEPTH = 1.5
+_SCENE_FAR = 1.0 / 3.0
 _BATCH = 16
 
 
@@ -200,6 +215,84 @@ def heuristic_depth(clean: np.ndarray) -> np.ndarray:
     dark = ndimage.minimum_filter(clean.min(axis=2), size=15)
     smooth = ndimage.gaussian_filter(dark.astype(np.float32), sigma=max(1.0, min(height, width) / 16))
     return (0.6 * ramp + 0.4 * _normalise(smooth)).astype(np.float32)
+
+
+def _scene_colour(photos: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    photo = photos[rng.integers(len(photos))]
+    return photo[rng.integers(photo.shape[0]), rng.integers(photo.shape[1])]
+
+
+def _scene_crop(photos: Sequence[np.ndarray], side: int, rng: np.random.Generator) -> np.ndarray:
+    photo = photos[rng.integers(len(photos))]
+    top = int(rng.integers(0, photo.shape[0] - side + 1))
+    left = int(rng.integers(0, photo.shape[1] - side + 1))
+    return photo[top : top + side, left : left + side]
+
+
+def _scene_fill(photos: Sequence[np.ndarray], grid: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """What one shape shows: a photo's crop (40%), else a photo's colour under a linear
+    shading gradient, with that of a photo's grey texture at a random contrast (70%)."""
+    rows, cols = grid
+    side = rows.shape[0]
+    if rng.random() < 0.4:
+        return _scene_crop(photos, side, rng)
+    gain, slope_x, slope_y = rng.uniform(0.7, 1.1), *rng.normal(0.0, 0.3, 2)
+    shading = np.clip(gain + slope_x * (cols - 0.5) + slope_y * (rows - 0.5), 0.3, 1.3)[..., None]
+    fill = _scene_colour(photos, rng) * shading
+    if rng.random() < 0.7:
+        texture = _scene_crop(photos, side, rng).mean(axis=2)
+        texture = texture / max(float(texture.mean()), 1e-3)
+        fill = fill * (1.0 + rng.uniform(0.0, 0.5) * (texture - 1.0))[..., None]
+    return fill
+
+
+def _scene_shape(grid: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """A disc, an upright rectangle or a tilted ellipse; radii follow the dead-leaves power law."""
+    rows, cols = grid
+    radius = min(0.05 * (1.0 - rng.random()) ** -0.5, 0.8)
+    centre_y, centre_x = rng.uniform(-0.1, 1.1, 2)
+    dy, dx = rows - centre_y, cols - centre_x
+    kind = rng.integers(3)
+    if kind == 0:
+        return dy**2 + dx**2 < radius**2
+    if kind == 1:
+        return (np.abs(dy) < radius * rng.uniform(0.3, 1.5)) & (np.abs(dx) < radius)
+    angle = rng.uniform(0.0, np.pi)
+    along = dx * np.cos(angle) + dy * np.sin(angle)
+    across = -dx * np.sin(angle) + dy * np.cos(angle)
+    return (along / radius) ** 2 + (across / (radius * rng.uniform(0.2, 1.0))) ** 2 < 1.0
+
+
+def compose_scene(
+    photos: Sequence[np.ndarray], size: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A dead-leaves scene of ``photos`` (float ``[H, W, 3]`` in [0, 1], each at least twice
+    ``size``) and its depth (module docstring): ``uint8 [H, W, 3]`` and ``float32 [H, W]``.
+
+    Drawn at twice the size and averaged down, so that shape edges are anti-aliased.
+    """
+    width, height = size
+    side = 2 * max(width, height)
+    rows, cols = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    grid = (rows, cols)
+
+    def plane(distance: float, tilt: float) -> np.ndarray:
+        return distance + rng.normal(0.0, tilt) * (rows - 0.5) + rng.normal(0.0, tilt) * (cols - 0.5)
+
+    distance = float(rng.uniform(0.6, 1.0))
+    image = _scene_fill(photos, grid, rng)
+    depth = plane(distance, 0.1)
+    for _ in range(rng.integers(5, 41)):
+        mask = _scene_shape(grid, rng)
+        if not mask.any():
+            continue
+        distance = max(0.05, distance * float(rng.uniform(0.75, 1.0)))
+        image = np.where(mask[..., None], _scene_fill(photos, grid, rng), image)
+        depth = np.where(mask, plane(distance, 0.05), depth)
+    image = image[: 2 * height, : 2 * width].reshape(height, 2, width, 2, 3).mean(axis=(1, 3))
+    depth = np.clip(depth[: 2 * height, : 2 * width], 0.02, 1.2).reshape(height, 2, width, 2).mean(axis=(1, 3))
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return pixels, (depth * _SCENE_FAR).astype(np.float32)
 
 
 def add_haze(clean: np.ndarray, rng: np.random.Generator, depth: np.ndarray | None = None) -> np.ndarray:
@@ -379,9 +472,12 @@ def synthesize(
     """
     started = time.perf_counter()
     _check_arguments(task, count, size, val_fraction, test_fraction)
-    if clean_source != BUILTIN:
+    scenes = clean_source == BUILTIN_SCENES
+    if clean_source not in (BUILTIN, BUILTIN_SCENES):
         clean_source = clean_source.rstrip("/")
     images, listing = _clean_photos(clean_source, storage_options)
+    if scenes:
+        _check_scene_size(images, size)
     arguments = {
         "task": task,
         "count": count,
@@ -402,7 +498,7 @@ def synthesize(
     splits = photo_splits(
         [image.name for image in images], seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
     )
-    render = _PairRenderer(images, splits, task, seed, size, val_fraction, test_fraction)
+    render = _PairRenderer(images, splits, task, seed, size, val_fraction, test_fraction, scenes)
     with (
         DatasetWriter(
             dest, storage_options=storage_options, shard_size=shard_size, workers=workers
@@ -440,13 +536,24 @@ def _check_arguments(
         raise ValueError(f"crop size must be positive, got {size}")
 
 
+def _check_scene_size(images: Sequence[CleanImage], size: tuple[int, int] | None) -> None:
+    if size is None:
+        raise ValueError(f"{BUILTIN_SCENES} composes scenes of a given size: pass --size")
+    smallest = min(min(image.pixels.shape[:2]) for image in images)
+    if 2 * max(size) > smallest:
+        raise ValueError(
+            f"{BUILTIN_SCENES} draws at twice the size from photos of at least {smallest} px: "
+            f"--size {max(size)} is too large (at most {smallest // 2})"
+        )
+
+
 def _clean_photos(
     clean_source: str, storage_options: Mapping[str, Any] | None
 ) -> tuple[tuple[CleanImage, ...], Sequence[Sequence[Any]]]:
     """The clean photos, and the listing that identifies them in the fingerprint."""
-    if clean_source == BUILTIN:
+    if clean_source in (BUILTIN, BUILTIN_SCENES):
         versions = [importlib.metadata.version(name) for name in ("scikit-image", "matplotlib", "scikit-learn")]
-        return builtin_images(), [(BUILTIN, *versions, *BUILTIN_PHOTOS)]
+        return builtin_images(), [(clean_source, *versions, *BUILTIN_PHOTOS)]
     fs, root = open_filesystem(clean_source, storage_options)
     listing = [(e.path, e.size, e.modified) for e in list_files(fs, root) if is_image(e.path)]
     return load_clean_images(clean_source, storage_options), listing
@@ -463,17 +570,31 @@ class _PairRenderer:
     size: tuple[int, int] | None
     val_fraction: float
     test_fraction: float
+    scenes: bool = False
+
+    @functools.cached_property
+    def _scene_photos(self) -> dict[Split, list[np.ndarray]]:
+        return {
+            split: [self.images[index].pixels.astype(np.float32) / 255.0 for index in photos]
+            for split, photos in self.photos_of_split.items()
+        }
 
     def __call__(self, index: int) -> Row:
         rng = np.random.default_rng([self.seed, index])
         split = _split_of(index, self.seed, self.val_fraction, self.test_fraction)
-        photos = self.photos_of_split[split]
-        image = self.images[photos[index % len(photos)]]
-        pixels, depth = _crop(image, self.size, rng)
+        if self.scenes:
+            assert self.size is not None  # _check_scene_size
+            pixels, depth = compose_scene(self._scene_photos[split], self.size, rng)
+            name, source = "scene", f"{BUILTIN_SCENES}:{split} photos"
+        else:
+            photos = self.photos_of_split[split]
+            image = self.images[photos[index % len(photos)]]
+            pixels, depth = _crop(image, self.size, rng)
+            name, source = PurePosixPath(image.name).name, image.source
         clean = pixels.astype(np.float64) / 255.0
         degraded = DEGRADATIONS[self.task](clean, rng, depth)
         degraded_pixels = np.round(np.clip(degraded, 0.0, 1.0) * 255.0).astype(np.uint8)
-        pair_id = f"synth-{self.task}/{PurePosixPath(image.name).name}-{index:06d}"
+        pair_id = f"synth-{self.task}/{name}-{index:06d}"
         return Row(
             id=pair_id,
             task=self.task,
@@ -485,5 +606,5 @@ class _PairRenderer:
             width=pixels.shape[1],
             height=pixels.shape[0],
             source_input=f"synth:{self.task}:seed={self.seed}:pair={index}",
-            source_target=image.source,
+            source_target=source,
         )

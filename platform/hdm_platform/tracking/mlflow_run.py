@@ -118,6 +118,7 @@ class TrackedRun:
     def __init__(self, client: MlflowClient, run_id: str, *, background: bool = False) -> None:
         self.client = client
         self.run_id = run_id
+        self.background = background
         self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdm-mlflow") if background else None
         self._metrics_in_flight: RunOperations | None = None
         self._image_in_flight: Future[None] | None = None
@@ -201,7 +202,7 @@ class TrackedRun:
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         timestamp = _now_ms()
         batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        if self._uploads is None:
+        if not self.background:
             self.client.log_batch(self.run_id, metrics=batch)
             return
         self._wait_for_metrics()

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +152,7 @@ class LoopSettings:
     kept_train_split: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "experiment": self.experiment,
-            "steps_per_epoch": self.steps_per_epoch,
-            "mlflow_tracking_uri": self.mlflow_tracking_uri,
-            "mlflow_run_id": self.mlflow_run_id,
-            "fault_injection": self.fault_injection,
-            "progress_channel": self.progress_channel,
-            "kept_train_split": self.kept_train_split,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoopSettings:
