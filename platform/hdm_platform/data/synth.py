@@ -20,7 +20,7 @@ pairs the same ways:
   shading gradient and a photo's texture. Depth is then piecewise smooth with jumps at object
   edges, as in the NYU depth maps that RESIDE hazes, and brightness says nothing about depth:
   a white wall can be near. A scene is a room, so its far wall sits at ``_SCENE_FAR`` of the
-  photos' far plane: transmissions span about [0.25, 0.97] (SOTS-indoor's, measured from its
+  photos' far plane: transmissions span about [0.39, 0.98] (SOTS-indoor's, measured from its
   hazy/clear pairs, 0.41-0.91 between the 5th and 95th percentiles). Trained on photos with
   the heuristic depth, the quickstart's model learned "bright and flat = dense haze" and
   repainted real hazy photos; trained on scenes it dehazes them (bench/RESULTS.md, session 12).
