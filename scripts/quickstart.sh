@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the local defaults, from a fresh clone to a served model: start a local Ray
-# head and MLflow server, synthesise a dehazing dataset from real photos, train HDM on it with
-# Ray Train (2 CPU workers) tracked in MLflow, register it as champion, serve it with Ray Serve,
-# and compare it over HTTP with the hazy input and the classic DCP dehazer. Re-running reuses
-# what is done (running services, an unchanged dataset, a finished training run).
+# head and MLflow server, synthesise a dehazing dataset of scenes composed from real photos
+# (builtin-scenes: depth known by construction), train HDM on it with Ray Train (2 CPU workers)
+# tracked in MLflow, register it as champion, serve it with Ray Serve, and compare it over HTTP
+# with the hazy input and the classic DCP dehazer. Re-running reuses what is done (running
+# services, an unchanged dataset, a finished training run).
 #
 # Sizes and ports can be changed through the environment (the tests run it small):
-#   QUICKSTART_PAIRS (480), QUICKSTART_EPOCHS (the config's), QUICKSTART_RUN (quickstart),
+#   QUICKSTART_PAIRS (2000), QUICKSTART_EPOCHS (the config's), QUICKSTART_RUN (quickstart),
 #   HDM_HOME (./.hdm), and the ports of `hdm local up --help` (HDM_RAY_PORT 6379,
 #   HDM_DASHBOARD_PORT 8265, HDM_MLFLOW_PORT 5000, HDM_SERVE_PORT 8000, ...).
 set -euo pipefail
@@ -18,7 +19,7 @@ config=jobs/configs/quickstart-cpu.yaml
 dataset=$HDM_HOME/datasets/quickstart-dehaze
 out=$HDM_HOME/quickstart
 run_name=${QUICKSTART_RUN:-quickstart}
-pairs=${QUICKSTART_PAIRS:-480}
+pairs=${QUICKSTART_PAIRS:-2000}
 hdm=.venv/bin/hdm
 
 current_step=setup
@@ -36,9 +37,9 @@ step 2 "starting a local Ray head and MLflow server (reused when running)"
 $hdm local up   # ports: HDM_RAY_PORT, HDM_DASHBOARD_PORT, HDM_MLFLOW_PORT, HDM_SERVE_PORT, ... (hdm local up --help)
 eval "$($hdm local env)"
 
-step 3 "synthesising a dehazing dataset from scikit-image's real photos -> $dataset"
+step 3 "synthesising a dehazing dataset of dead-leaves scenes of real photos -> $dataset"
 $hdm data synth --task dehaze --count "$pairs" --size 96 --val-fraction 0.05 --test-fraction 0.05 \
-  --seed 0 --no-progress builtin "$dataset"
+  --seed 0 --no-progress builtin-scenes "$dataset"
 $hdm data inspect "$dataset" --contact-sheet "$out/dataset.png"
 
 step 4 "training HDM with Ray Train (2 CPU workers) on the Ray head, tracked in MLflow"
