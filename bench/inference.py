@@ -11,7 +11,7 @@ baseline, ...) so that a machine shared with other jobs loads them alike; figure
   channels_last, the device's deformable conv.
 - ``fast``: ``enhance(precision="auto")`` on ``prepare_for_inference(...)``: channels_last,
   the device's deformable conv and the decoder head's three convs folded into one; "auto"
-  is float32 on CPUs without AMX and bfloat16 on AMX CPUs and CUDA GPUs.
+  is bfloat16 on CUDA GPUs and on CPUs with AMX or AMD AVX512_BF16, float32 elsewhere.
 - ``bf16``: the fast path forced to bfloat16 autocast (deformable conv in float32); only on
   CPUs with bfloat16 instructions (``--bf16`` forces it: elsewhere it is emulated, ~40x slower).
 - ``compiled`` (``--compile``): the fast path under ``torch.compile`` with frozen weights;

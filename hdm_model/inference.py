@@ -4,8 +4,9 @@ The fast path runs under ``torch.inference_mode`` in channels_last layout with t
 head's three convolutions folded into one (``FoldedHead``), optionally under bfloat16
 autocast (the deformable conv stays in float32, see ``hdm_model.structure``) and optionally
 compiled by inductor with frozen weights. ``precision="auto"`` picks bfloat16 where it is
-faster (CUDA GPUs with bfloat16, CPUs with AMX) and float32 elsewhere: on AVX-512 CPUs
-without AMX, oneDNN's bfloat16 convolutions are slower than its float32 ones. The
+faster (CUDA GPUs with bfloat16, CPUs with AMX, AMD CPUs with AVX512_BF16) and float32
+elsewhere: on Intel AVX-512 CPUs without AMX, oneDNN's bfloat16 convolutions are slower than
+its float32 ones. The
 tiled path bounds memory on large photos: overlapping tiles are blended with linear ramps,
 and the DCP region masks are computed once on the whole image and cropped per tile, so every
 tile sees the same airlight and the same normalisation range.
@@ -13,6 +14,8 @@ tile sees the same airlight and the same normalisation range.
 
 from __future__ import annotations
 
+import functools
+import platform
 from typing import Literal, get_args
 
 import torch
@@ -28,6 +31,7 @@ __all__ = [
     "Precision",
     "enhance",
     "UNTILED_MAX_PIXELS",
+    "cpu_has_fast_bf16",
     "prepare_for_inference",
     "resolve_device",
     "resolve_precision",
@@ -40,9 +44,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 def resolve_precision(precision: Precision, device: str | torch.device) -> Literal["fp32", "bf16"]:
     """The precision ``precision`` stands for on ``device``, for inference and training alike:
-    "auto" is bf16 on CUDA GPUs with bfloat16 support and on CPUs with AMX (tile matrix
-    units run bfloat16 convolutions far faster than float32), fp32 elsewhere (on CPUs
-    without AMX bfloat16 autocast is no faster, bench/RESULTS.md "Training")."""
+    "auto" is bf16 on CUDA GPUs with bfloat16 support and on CPUs with fast bfloat16
+    (:func:`cpu_has_fast_bf16`), fp32 elsewhere."""
     if precision not in get_args(Precision):
         raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, got {precision!r}")
     if precision != "auto":
@@ -51,8 +54,33 @@ def resolve_precision(precision: Precision, device: str | torch.device) -> Liter
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if torch.cpu.get_capabilities().get("amx_bf16", False) else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions faster than float32 ones: with AMX (tile
+    matrix units), or an AMD CPU with AVX512_BF16 (Zen 4 and later: bf16 trains 1.3-1.7x and
+    infers 1.6x faster there). An Intel CPU with AVX512_BF16 but no AMX trains at 0.7x in bf16
+    (bench/RESULTS.md "Training", sessions 1 and 15)."""
+    capabilities = torch.cpu.get_capabilities()
+    if capabilities.get("amx_bf16", False):
+        return True
+    return bool(capabilities.get("avx512_bf16", False)) and "AuthenticAMD" in _cpu_vendor()
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    """The CPU's vendor string: ``vendor_id`` in /proc/cpuinfo on Linux, else what
+    ``platform.processor()`` says (on Windows it ends with the vendor)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

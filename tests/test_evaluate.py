@@ -65,7 +65,7 @@ def test_checkpoint_and_training_checkpoint_give_the_same_csv(dataset, checkpoin
         {k: v for k, v in row.items() if k != "seconds"} for row in rows
     ]
     pair_id, source, target = pairs[0]
-    # Prepared and at precision "auto", as the command runs it (bf16 on CPUs with AMX).
+    # Prepared and at precision "auto", as the command runs it (bf16 where it is faster).
     prepared = prepare_for_inference(copy.deepcopy(model), device="cpu")
     expected = image_metrics(enhance(prepared, as_tensor(source), precision="auto"), as_tensor(target))
     assert float(rows[0]["psnr"]) == pytest.approx(expected["psnr"].item(), rel=1e-6)

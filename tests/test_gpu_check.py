@@ -20,6 +20,8 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
+from hdm_model.inference import resolve_precision
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
 # Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
@@ -347,7 +349,7 @@ def test_the_compile_section_times_the_compiled_model(bare_python: dict[str, str
     (check,) = summary["sections"]["compile"]["checks"]
     assert check["name"] == "64x64 compiled" and check["status"] == "passed"
     figures = check["figures"]
-    assert figures["precision"] == ("bf16" if torch.cpu.get_capabilities().get("amx_bf16") else "fp32")
+    assert figures["precision"] == resolve_precision("auto", "cpu")
     assert 0 < figures["first_call_s"] <= figures["compile_and_warmup_s"]
     assert math.isfinite(figures["median_ms"]) and figures["median_ms"] > 0
     assert figures["psnr_db_vs_fp32"] is None or figures["psnr_db_vs_fp32"] >= 40

@@ -11,6 +11,7 @@ from torch import nn
 
 from hdm_model import HDM, enhance, hdm, hdm_f, prepare_for_inference, variant_config
 from hdm_model.model import build_hdm
+from hdm_model import inference
 from hdm_model.inference import FoldedHead, resolve_precision
 from hdm_model.region import RegionDynamicBlock
 from hdm_model.structure import DeformableBlock
@@ -166,10 +167,17 @@ def psnr_like(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_auto_precision_is_bfloat16_only_where_it_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "_cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
     assert resolve_precision("auto", "cpu") == "fp32"
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": True})
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    # AMD's AVX512_BF16 (Zen 4 and later) is fast without AMX; without the flag it is not there.
+    monkeypatch.setattr(inference, "_cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    assert resolve_precision("auto", "cpu") == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_precision("auto", "cuda") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)

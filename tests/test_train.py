@@ -168,7 +168,7 @@ def test_stop_resume_crash_restart_register_reload(
     assert from_checkpoint.config.channels == 16
 
     # The last validation measured each val image once, as evaluating the final model on the
-    # val split does (both at precision "auto": bf16 rounding apart on CPUs with AMX).
+    # val split does (both at precision "auto": bf16 rounding apart where "auto" is bf16).
     evaluated = evaluate(str(local), dataset, split="val")
     assert val_psnr[total] == pytest.approx(evaluated.means["psnr"], abs=0.05)
     assert last_value_per_step(client, run_id, "val_images")[total] == len(evaluated.rows)

@@ -135,7 +135,7 @@ def _local_path(uri: str) -> Path:
     type=click.Choice(["auto", "fp32", "bf16"]),
     default="auto",
     show_default=True,
-    help="auto: bf16 autocast on GPUs with bf16 and CPUs with AMX, where it is faster; fp32 "
+    help="auto: bf16 autocast on GPUs with bf16 and CPUs with AMX or AMD AVX512_BF16, where it is faster; fp32 "
     "elsewhere. Ignored by 'dcp'.",
 )
 @click.option(

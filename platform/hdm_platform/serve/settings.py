@@ -52,7 +52,7 @@ class ModelSettings(_Settings):
         "auto", description="auto: cuda when the replica has a GPU."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 where it is faster (CUDA with bf16, CPUs with AMX)."
+        "auto", description="auto: bf16 where it is faster (CUDA with bf16, CPUs with AMX or AMD AVX512_BF16)."
     )
     tile: int | None = Field(
         None,
