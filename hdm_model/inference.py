@@ -6,10 +6,9 @@ autocast (the deformable conv stays in float32, see ``hdm_model.structure``) and
 compiled by inductor with frozen weights. ``precision="auto"`` picks bfloat16 where it is
 faster (CUDA GPUs with bfloat16, CPUs with AMX, AMD CPUs with AVX512_BF16) and float32
 elsewhere: on Intel AVX-512 CPUs without AMX, oneDNN's bfloat16 convolutions are slower than
-its float32 ones. The
-tiled path bounds memory on large photos: overlapping tiles are blended with linear ramps,
-and the DCP region masks are computed once on the whole image and cropped per tile, so every
-tile sees the same airlight and the same normalisation range.
+its float32 ones. The tiled path bounds memory on large photos: overlapping tiles are blended
+with linear ramps, and the DCP region masks are computed once on the whole image and cropped
+per tile, so every tile sees the same airlight and the same normalisation range.
 """
 
 from __future__ import annotations
