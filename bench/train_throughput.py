@@ -21,9 +21,9 @@ session 13), ``--epochs`` epochs through ``fit``. An epoch's wall time is the ti
 validation metrics in MLflow (their timestamps): its steps, its validation, its checkpoint
 and its logging. The baseline is the same number of steps of the same model, batch and crop
 in the plain loop (one process x 2 threads, mean step, at the precision the run resolved
-``auto`` to: bf16 on CPUs with AMX or AMD AVX512_BF16), timed before Ray starts and again after it stops, and
-the ratio takes the mean of the two (a shared machine's speed drifts by 10-20% over the
-minutes in between). Goal: plain / platform >= 0.9.
+``auto`` to: bf16 where ``cpu_has_fast_bf16``), timed before Ray starts and again after it
+stops, and the ratio takes the mean of the two (a shared machine's speed drifts by 10-20%
+over the minutes in between). Goal: plain / platform >= 0.9.
 ``--no-platform`` times only the plain loops.
 
     .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--crop 64] [--epochs 3] [--no-platform]
@@ -149,7 +149,7 @@ def short_epochs(root: Path, epochs: int) -> ShortEpochs:
     ])  # fmt: skip
     steps_per_epoch = preflight(config)
     images = [(source, target) for _, source, target in iter_split_pairs(dataset, "train")]
-    # The precision the platform's run resolves "auto" to: bf16 on CPUs with AMX or AMD AVX512_BF16.
+    # The precision the platform's run resolves "auto" to (bf16 where cpu_has_fast_bf16).
     precision = resolve_precision(config.train.precision, "cpu")
 
     def plain_epoch() -> float:

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdm_model import HDM, enhance, hdm, hdm_f, prepare_for_inference, variant_config
+from hdm_model import HDM, enhance, hdm, hdm_f, inference, prepare_for_inference, variant_config
 from hdm_model.model import build_hdm
-from hdm_model import inference
 from hdm_model.inference import FoldedHead, resolve_precision
 from hdm_model.region import RegionDynamicBlock
 from hdm_model.structure import DeformableBlock
