@@ -26,7 +26,7 @@ stops, and the ratio takes the mean of the two (a shared machine's speed drifts 
 over the minutes in between). Goal: plain / platform >= 0.9.
 ``--no-platform`` times only the plain loops.
 
-    .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--crop 64] [--epochs 3] [--no-platform]
+    .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--crop 64] [--epochs 5] [--no-platform]
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--blocks-per-group", type=int, default=7)
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of the quickstart's experiment")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of the quickstart's experiment")
     parser.add_argument("--no-platform", action="store_true", help="only the plain loops, no Ray")
     args = parser.parse_args()
     if args.epochs < 2:
@@ -235,6 +235,9 @@ def main() -> None:
         )
         platform = epochs = None
         if not args.no_platform:
+            # First, as in the quickstart: the epochs right after another Ray session's
+            # training run were up to 20% slower for ~15 s (RESULTS.md, session 16).
+            epochs = short_epochs(root, args.epochs)
             # 2 logical CPUs for the workers plus 1 for Ray Data's decode tasks, on 2 cores.
             ray.init(num_cpus=3, include_dashboard=False)
             try:
@@ -242,7 +245,6 @@ def main() -> None:
             finally:
                 ray.shutdown()
             platform = outcome.metrics["train_samples_per_second"]
-            epochs = short_epochs(root, args.epochs)
 
     print(f"model HDM channels={args.channels} K={args.blocks_per_group}, global batch {args.batch}, "
           f"crop {args.crop}, {args.steps} steps (first not timed)")  # fmt: skip
