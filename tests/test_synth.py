@@ -110,6 +110,16 @@ def test_haze_follows_the_scattering_model_and_uses_depth() -> None:
     assert far_gap > 0.1 and hazy[:, 32:].std() < clean[:, 32:].std()  # contrast lost far away
 
 
+def test_airlight_is_near_grey_with_a_tint_of_its_own_per_pair() -> None:
+    # A black scene at great depth shows the airlight itself.
+    black, far = np.zeros((4, 4, 3)), np.full((4, 4), 50.0, dtype=np.float32)
+    airlights = np.stack([add_haze(black, np.random.default_rng(seed), far)[0, 0] for seed in range(200)])
+    assert airlights.min() >= 0.5 and airlights.max() <= 1.0
+    tint = airlights / airlights.mean(axis=1, keepdims=True)
+    assert 0.02 < tint.std() < 0.08  # neither always grey nor a coloured light
+    assert (np.abs(tint - 1).max(axis=1) > 0.05).mean() > 0.2
+
+
 def test_heuristic_depth_is_far_at_the_top_and_in_bright_colourless_regions() -> None:
     image = np.full((64, 64, 3), 0.2)
     image[:, 40:] = 0.95  # a bright, grey region (sky, a white wall)
@@ -140,6 +150,20 @@ def test_scenes_are_made_of_their_photos_with_nearer_shapes_in_front() -> None:
     assert (jumps > 0.02).mean() > 0.005 and np.median(jumps) < 0.005
     brightness = np.stack([pixels.mean(axis=2) for pixels, _ in scenes])
     assert abs(np.corrcoef(brightness.ravel(), depths.ravel())[0, 1]) < 0.3
+
+
+def test_most_colour_edges_of_a_scene_are_not_depth_edges() -> None:
+    # Photos of one flat colour each: a sharp colour edge is the edge of a shape. Most shapes
+    # are painted on what lies under them, so the depth goes on across their edges.
+    colours = [(0.9, 0.2, 0.1), (0.1, 0.8, 0.2), (0.2, 0.3, 0.9), (0.8, 0.8, 0.2)]
+    photos = [np.full((256, 256, 3), colour, dtype=np.float32) for colour in colours]
+    scenes = [compose_scene(photos, (64, 64), np.random.default_rng(seed)) for seed in range(12)]
+    pixels = np.stack([pixels for pixels, _ in scenes]).astype(np.float32) / 255
+    depths = np.stack([depth for _, depth in scenes])
+    colour_edges = np.abs(np.diff(pixels, axis=2)).max(axis=-1) > 0.3
+    depth_edges = np.abs(np.diff(depths, axis=2)) > 1e-3
+    assert colour_edges.sum() > 1000
+    assert (colour_edges & ~depth_edges).sum() / colour_edges.sum() > 0.5
 
 
 def test_rain_only_brightens_and_darkening_reduces_brightness() -> None:

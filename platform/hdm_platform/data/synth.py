@@ -4,8 +4,9 @@ The benchmarks the paper trains on are themselves synthetic, and this module ren
 pairs the same ways:
 
 * **haze** (RESIDE ITS/SOTS): the atmospheric scattering model ``I = J t + A (1 - t)``,
-  ``t = exp(-beta d)``, with ``beta ~ U(0.6, 1.8)`` and a grey airlight ``A ~ U(0.7, 1.0)``
-  (RESIDE's ranges). ``d`` is a real depth map where the source has one (a ``depth/``
+  ``t = exp(-beta d)``, with ``beta ~ U(0.6, 1.8)`` and an airlight ``A ~ U(0.7, 1.0)``
+  (RESIDE's ranges), near grey with a tint of its own per pair (each channel scaled by
+  ``1 + N(0, _AIRLIGHT_TINT)``, capped at 1). ``d`` is a real depth map where the source has one (a ``depth/``
   folder beside the images, larger = farther, or ``disparity/``, larger = nearer, with
   the same stems; the built-in motorcycle photo ships with its stereo disparity).
   Otherwise it is a heuristic: 0.6 x a vertical ramp (far at the top, as in most
@@ -15,11 +16,15 @@ pairs the same ways:
   is scaled by ``_OPTICAL_DEPTH`` so that transmissions span roughly [0.07, 1].
 * **scenes** (the ``builtin-scenes`` source): "dead leaves"
   compositions (:func:`compose_scene`) of the built-in photos, whose depth is known by
-  construction: a far wall, then 5-40 occluding shapes (discs, rectangles, ellipses), each
-  nearer than the one before by up to 10% (``_SCENE_NEARER``), filled with a crop of a photo
-  or with a photo's colour under a shading gradient and a photo's texture. Depth is then
-  piecewise smooth with jumps at object edges, as in the NYU depth maps that RESIDE hazes, and
-  brightness says nothing about depth: a white wall can be near. A scene is a room, so its far
+  construction: a far wall, then 5-40 shapes (discs, rectangles, ellipses) filled with a crop
+  of a photo or with a photo's colour under a shading gradient and a photo's texture. A quarter
+  of them stand in front, each nearer than the one before by up to 10% (``_SCENE_NEARER``); the
+  others are painted on what lies under them (``_SCENE_DECALS``: a rug, a poster, wood grain),
+  so most colour edges are not depth edges, as in real rooms. Depth is then piecewise smooth
+  with jumps at object edges, as in the NYU depth maps that RESIDE hazes, and brightness says
+  nothing about depth: a white wall can be near. Trained on scenes where every colour edge was
+  also a depth edge, the quickstart's model gave each patch of a real wooden floor its own haze
+  and mottled it red (bench/RESULTS.md, session 17). A scene is a room, so its far
   wall sits at ``_SCENE_FAR`` of the photos' far plane: transmissions span about [0.39, 0.98]
   (SOTS-indoor's, measured from its hazy/clear pairs, 0.41-0.91 between the 5th and 95th
   percentiles). Trained on photos with the heuristic depth, the quickstart's model learned
@@ -104,6 +109,12 @@ _SCENE_FAR = 1.0 / 3.0
 # (0.75-1) put the later shapes of a scene almost against the camera, nearly free of haze, and
 # the model trained on it left haze on the far walls of real rooms (bench/RESULTS.md, session 13).
 _SCENE_NEARER = (0.9, 1.0)
+# The share of shapes that are painted on what lies under them (a rug, a poster, wood grain)
+# rather than standing in front of it: a colour edge that is not a depth edge.
+_SCENE_DECALS = 0.75
+# The airlight's colour spread around grey, per channel (standard deviation, relative): outdoor
+# haze is bluish and smog yellowish, and a model that only saw grey haze repainted a bluish one.
+_AIRLIGHT_TINT = 0.05
 _BATCH = 16
 
 
@@ -291,9 +302,10 @@ def compose_scene(
         mask = _scene_shape(grid, rng)
         if not mask.any():
             continue
-        distance = max(0.05, distance * float(rng.uniform(*_SCENE_NEARER)))
         image = np.where(mask[..., None], _scene_fill(photos, grid, rng), image)
-        depth = np.where(mask, plane(distance, 0.05), depth)
+        if rng.random() >= _SCENE_DECALS:
+            distance = max(0.05, distance * float(rng.uniform(*_SCENE_NEARER)))
+            depth = np.where(mask, plane(distance, 0.05), depth)
     image = image[: 2 * height, : 2 * width].reshape(height, 2, width, 2, 3).mean(axis=(1, 3))
     depth = np.clip(depth[: 2 * height, : 2 * width], 0.02, 1.2).reshape(height, 2, width, 2).mean(axis=(1, 3))
     pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -304,7 +316,7 @@ def add_haze(clean: np.ndarray, rng: np.random.Generator, depth: np.ndarray | No
     """Atmospheric scattering ``J t + A (1 - t)`` on a float ``[H, W, 3]`` image in [0, 1]."""
     depth = heuristic_depth(clean) if depth is None else depth
     beta = rng.uniform(0.6, 1.8)
-    airlight = rng.uniform(0.7, 1.0)
+    airlight = np.minimum(rng.uniform(0.7, 1.0) * (1.0 + rng.normal(0.0, _AIRLIGHT_TINT, 3)), 1.0)
     transmission = np.exp(-beta * _OPTICAL_DEPTH * depth)[..., None]
     return clean * transmission + airlight * (1.0 - transmission)
 
