@@ -96,6 +96,7 @@ def test_hdm_train_prints_one_progress_line_per_epoch_and_no_ray_internals(tmp_p
     lines = run.stdout.splitlines()
     assert lines[0].startswith("logs: ") and Path(lines[0].split()[1]).is_file()
     assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1.0/2 step 4/8", "epoch 2.0/2 step 8/8"]
-    for noise in ("RayTrainWorker", "TrainController", "TrainingReport", "pid="):
+    for noise in ("RayTrainWorker", "TrainController", "TrainingReport", "pid=", "Execution plan of Dataset", "Progress bars disabled"):
         assert noise not in run.stdout and noise not in run.stderr, noise
+    assert "Execution plan of Dataset" in Path(lines[0].split()[1]).read_text()  # Ray Data's INFO: in the log file
     assert "registered version:" in run.stdout

@@ -48,6 +48,7 @@ import ray.data
 import torch
 from tqdm import tqdm
 
+from hdm_platform.console import quiet_ray_options, route_ray_data_logs
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.shard_source import ShardDatasource, arrow_filesystem
 from hdm_platform.data.storage import is_remote, join_uri, list_files, open_filesystem, write_atomic
@@ -134,14 +135,16 @@ def connect_ray() -> None:
     Token authentication stays as Ray sets it. A local Ray gets one logical CPU more than
     the machine has cores: the model's actors take one per core, and the read and write
     tasks need one beside them (they run in the gaps, as the local loop runs them in turn
-    between images).
+    between images). Ray's and Ray Data's INFO logs and the workers' output stay off the
+    console, where the driver's progress bar counts images, unless ``-v``.
     """
+    route_ray_data_logs()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**quiet_ray_options())
     else:
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1)
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, **quiet_ray_options())
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hdm_platform.config import local_home
 
-__all__ = ["VERBOSE_VARIABLE", "configure_logging", "is_verbose", "quiet_ray_options"]
+__all__ = ["VERBOSE_VARIABLE", "configure_logging", "is_verbose", "quiet_ray_options", "route_ray_data_logs"]
 
 VERBOSE_VARIABLE = "HDM_VERBOSE"
 _QUIET_LIBRARIES = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock")
@@ -44,12 +44,38 @@ def configure_logging(command: str) -> Path:
     root = logging.getLogger()
     root.addHandler(file_handler)
     root.setLevel(logging.INFO)
-    console_level = logging.INFO if is_verbose() else logging.WARNING
     for name in _QUIET_LIBRARIES:
         library = logging.getLogger(name)
         library.setLevel(logging.INFO)
         library.addHandler(file_handler)
-        for handler in library.handlers:
-            if handler is not file_handler:
-                handler.setLevel(console_level)
+        _quiet_console_handlers(library)
     return path
+
+
+def route_ray_data_logs() -> None:
+    """Route the ``ray.data`` logger like the other libraries' (call after importing Ray Data).
+
+    Ray Data configures that logger itself when imported, at DEBUG, not propagating, with a
+    console handler at INFO: a dataset the driver materialises printed its execution plan."""
+    library = logging.getLogger("ray.data")
+    routed = {handler.baseFilename for handler in library.handlers if isinstance(handler, logging.FileHandler)}
+    for handler in logging.getLogger().handlers:
+        if (
+            isinstance(handler, logging.FileHandler)
+            and handler.baseFilename.startswith(str(local_home() / "logs"))
+            and handler.baseFilename not in routed
+        ):
+            info_to_log_file = logging.FileHandler(handler.baseFilename)
+            info_to_log_file.setLevel(logging.INFO)  # its DEBUG records stay in Ray's ray-data.log
+            info_to_log_file.setFormatter(logging.Formatter(_FORMAT))
+            library.addHandler(info_to_log_file)
+    _quiet_console_handlers(library)
+    # The commands turn Ray Data's progress bars off on purpose (they show their own), and
+    # Ray Data warns once that they are off.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if is_verbose() else logging.ERROR)
+
+
+def _quiet_console_handlers(library: logging.Logger) -> None:
+    for handler in library.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if is_verbose() else logging.WARNING)

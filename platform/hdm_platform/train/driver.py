@@ -43,7 +43,7 @@ from ray.train.torch import TorchTrainer
 
 from hdm_model.losses import VGG_WEIGHTS_HELP
 from hdm_platform.config import ConfigError, ExperimentConfig
-from hdm_platform.console import is_verbose, quiet_ray_options
+from hdm_platform.console import is_verbose, quiet_ray_options, route_ray_data_logs
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import build_dataset
 from hdm_platform.data.storage import open_filesystem
@@ -258,6 +258,7 @@ def fit(config: ExperimentConfig, *, fault_injection: FaultInjection | None = No
     )
     tracked.log_params(config.flat())
     DataContext.get_current().enable_progress_bars = is_verbose()
+    route_ray_data_logs()
     try:
         with progress_display() as channel:
             trainer = build_trainer(
