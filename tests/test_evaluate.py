@@ -124,7 +124,11 @@ def test_compare_tables_margins_and_picture(dataset, checkpoint, tmp_path):
         }.items()
     }
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.read_text().splitlines()[4:]}
-    assert rows == {label: f"{value:.2f}" for label, value in means.items()}
+    assert rows.keys() == means.keys()
+    assert rows["hazy"] == f"{means['hazy']:.2f}" and rows["dcp"] == f"{means['dcp']:.2f}"
+    # The table's HDM runs at precision "auto" (bf16 on CPUs with AVX512_BF16 or AMX), the
+    # reference here in fp32: the means agree to a hundredth of a dB, not always in the last digit.
+    assert abs(float(rows["hdm"]) - means["hdm"]) < 0.015
     for label in ("hazy", "dcp"):
         margin = means["hdm"] - means[label]
         verdict = "beats" if margin > 0 else "does NOT beat"
