@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from hdm_platform import console
 from hdm_platform.console import configure_logging, quiet_ray_options, route_ray_data_logs
 from hdm_platform.serve.control import deploy_progress
 
@@ -43,6 +44,7 @@ def test_ray_data_logs_go_to_the_log_file_and_to_the_console_only_when_verbose(m
 
     monkeypatch.setenv("HDM_HOME", str(tmp_path))
     monkeypatch.delenv("HDM_VERBOSE", raising=False)
+    monkeypatch.setattr(console, "_log_file", None)  # this process's command log, put back afterwards
     library, progress = logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")
     log_file = configure_logging("test")
     route_ray_data_logs()

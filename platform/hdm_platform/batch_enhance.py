@@ -141,10 +141,10 @@ def connect_ray() -> None:
     route_ray_data_logs()
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet_ray_options())
-    else:
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, **quiet_ray_options())
+    options = quiet_ray_options()
+    if not os.environ.get("RAY_ADDRESS"):
+        options["num_cpus"] = (os.cpu_count() or 1) + 1
+    ray.init(**options)
 
 
 @dataclass(frozen=True)

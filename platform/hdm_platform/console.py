@@ -21,6 +21,8 @@ __all__ = ["VERBOSE_VARIABLE", "configure_logging", "is_verbose", "quiet_ray_opt
 VERBOSE_VARIABLE = "HDM_VERBOSE"
 _QUIET_LIBRARIES = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The log file of this process's command, once :func:`configure_logging` has chosen it.
+_log_file: Path | None = None
 
 
 def is_verbose() -> bool:
@@ -30,15 +32,17 @@ def is_verbose() -> bool:
 def quiet_ray_options() -> dict[str, bool | int]:
     """``ray.init`` settings for a driver that shows its own progress: the workers' output
     and Ray's INFO logs reach the console only with ``-v`` (they are in Ray's log files)."""
-    return {"log_to_driver": is_verbose(), "logging_level": logging.INFO if is_verbose() else logging.WARNING}
+    return {"log_to_driver": is_verbose(), "logging_level": _console_level()}
 
 
 def configure_logging(command: str) -> Path:
     """Send every log record to ``HDM_HOME/logs/<command>-<time>.log`` and, unless verbose,
     only warnings of the libraries to the console; returns the log file's path."""
+    global _log_file
     logs = local_home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    _log_file = path
     file_handler = logging.FileHandler(path)
     file_handler.setFormatter(logging.Formatter(_FORMAT))
     root = logging.getLogger()
@@ -59,16 +63,11 @@ def route_ray_data_logs() -> None:
     console handler at INFO: a dataset the driver materialises printed its execution plan."""
     library = logging.getLogger("ray.data")
     routed = {handler.baseFilename for handler in library.handlers if isinstance(handler, logging.FileHandler)}
-    for handler in logging.getLogger().handlers:
-        if (
-            isinstance(handler, logging.FileHandler)
-            and handler.baseFilename.startswith(str(local_home() / "logs"))
-            and handler.baseFilename not in routed
-        ):
-            info_to_log_file = logging.FileHandler(handler.baseFilename)
-            info_to_log_file.setLevel(logging.INFO)  # its DEBUG records stay in Ray's ray-data.log
-            info_to_log_file.setFormatter(logging.Formatter(_FORMAT))
-            library.addHandler(info_to_log_file)
+    if _log_file is not None and os.path.abspath(_log_file) not in routed:
+        info_to_log_file = logging.FileHandler(_log_file)
+        info_to_log_file.setLevel(logging.INFO)  # its DEBUG records stay in Ray's ray-data.log
+        info_to_log_file.setFormatter(logging.Formatter(_FORMAT))
+        library.addHandler(info_to_log_file)
     _quiet_console_handlers(library)
     # The commands turn Ray Data's progress bars off on purpose (they show their own), and
     # Ray Data warns once that they are off.
@@ -78,4 +77,8 @@ def route_ray_data_logs() -> None:
 def _quiet_console_handlers(library: logging.Logger) -> None:
     for handler in library.handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.INFO if is_verbose() else logging.WARNING)
+            handler.setLevel(_console_level())
+
+
+def _console_level() -> int:
+    return logging.INFO if is_verbose() else logging.WARNING
