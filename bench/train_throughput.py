@@ -72,7 +72,7 @@ def plain_loop_step_seconds(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build_hdm(model_config).train()
+    model = build_hdm(model_config).to(memory_format=torch.channels_last).train()
     for block in model.structure or ():
         block.implementation = deform
     ema = (
@@ -92,7 +92,10 @@ def plain_loop_step_seconds(
             window = (slice(top, top + crop), slice(left, left + crop))
             inputs.append(torch.from_numpy(source[window].transpose(2, 0, 1).copy()))
             targets.append(torch.from_numpy(target[window].transpose(2, 0, 1).copy()))
-        return torch.stack(inputs).float() / 255, torch.stack(targets).float() / 255
+        return tuple(
+            (torch.stack(images).float() / 255).contiguous(memory_format=torch.channels_last)
+            for images in (inputs, targets)
+        )
 
     step_seconds = []
     for _ in range(steps):
