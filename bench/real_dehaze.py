@@ -86,6 +86,8 @@ def main() -> None:
     for folder in (args.train_data, args.test_data):
         if not folder.is_dir():
             parser.error(f"no data folder at {folder} (the benchmark reads ../shared/data)")
+    if args.picture and args.picture.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
+        parser.error(f"--picture {args.picture}: name a .png, .jpg or .webp file")
 
     with tempfile.TemporaryDirectory(prefix="hdm-bench-real-dehaze-") as temporary:
         root = args.workdir or Path(temporary)

@@ -598,16 +598,18 @@ def _training_batches(bench: Bench, count: int) -> list[tuple[Tensor, Tensor]]:
     batches = []
     for seed in range(count):
         hazy = bench.image(crop, batch=profile.train_batch, seed=100 + seed)
-        batches.append((hazy, clear_target(hazy)))
+        batches.append(
+            tuple(image.contiguous(memory_format=torch.channels_last) for image in (hazy, clear_target(hazy)))
+        )
     return batches
 
 
 def check_training_throughput(bench: Bench, precision: str) -> dict[str, Any]:
     """Samples/s of the training step of ``hdm_platform.train`` (Adam (0.9, 0.999), lr 2e-4,
-    L1 loss, EMA 0.999, optional bfloat16 autocast) on batches already on the device: the
-    model's step alone, without a data pipeline."""
+    L1 loss, EMA 0.999, optional bfloat16 autocast, model and batches channels_last) on
+    batches already on the device: the model's step alone, without a data pipeline."""
     profile, device = bench.profile, bench.device
-    model = bench.fresh_model().to(device).train()
+    model = bench.fresh_model().to(device, memory_format=torch.channels_last).train()
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
     optimizer = Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999))
     loss_fn = EnhancementLoss(l1_weight=1.0, perceptual_weight=0.0)
