@@ -20,10 +20,12 @@ epoch) on 480 synthetic 96x96 pairs (5% validation: the quickstart's short epoch
 session 13), ``--epochs`` epochs through ``fit``. An epoch's wall time is the time between two consecutive epochs'
 validation metrics in MLflow (their timestamps): its steps, its validation, its checkpoint
 and its logging. The baseline is the same number of steps of the same model, batch and crop
-in the plain loop (one process x 2 threads, mean step, at the precision the run resolved
-``auto`` to: bf16 where ``cpu_has_fast_bf16``), timed before Ray starts and again after it
-stops, and the ratio takes the mean of the two (a shared machine's speed drifts by 10-20%
-over the minutes in between). Goal: plain / platform >= 0.9.
+in the plain loop (one process x 2 threads, at the precision the run resolved ``auto`` to:
+bf16 where ``cpu_has_fast_bf16``), two epochs' worth timed before Ray starts and two after it
+stops, and the ratio takes the median of those four epochs against the median of the
+platform's (a shared machine's speed drifts by 10-20% over the minutes in between, and a
+single plain epoch swung by 25% between runs: RESULTS.md, session 19). Goal: plain /
+platform >= 0.9.
 ``--no-platform`` times only the plain loops.
 
     .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--crop 64] [--epochs 5] [--no-platform]
@@ -123,12 +125,14 @@ def median_samples_per_second(step_seconds: list[float], batch: int) -> float:
 
 #: What the training loop logs to MLflow with each validation: an epoch's time outside its steps.
 OVERHEAD_METRICS = ("first_batch_seconds", "validation_seconds", "checkpoint_seconds")
+#: Plain-loop epochs timed before the platform's run, and again after it.
+PLAIN_EPOCHS = 2
 
 
 class ShortEpochs(NamedTuple):
-    #: The plain loop's epoch before Ray starts and after it stops: a shared machine's speed
+    #: The plain loop's epochs before Ray starts and after it stops: a shared machine's speed
     #: drifts over minutes, and the platform's epochs run in between.
-    plain_epoch_seconds: tuple[float, float]
+    plain_epoch_seconds: tuple[list[float], list[float]]
     #: The platform's epochs after the first.
     epoch_walls: list[float]
     steps_per_epoch: int
@@ -155,21 +159,22 @@ def short_epochs(root: Path, epochs: int) -> ShortEpochs:
     # The precision the platform's run resolves "auto" to (bf16 where cpu_has_fast_bf16).
     precision = resolve_precision(config.train.precision, "cpu")
 
-    def plain_epoch() -> float:
+    def plain_epochs() -> list[float]:
         seconds = plain_loop_step_seconds(
-            images, model_config=config.model.to_hdm_config(), steps=steps_per_epoch + 1,
+            images, model_config=config.model.to_hdm_config(), steps=PLAIN_EPOCHS * steps_per_epoch + 1,
             batch=config.train.batch_size, crop=config.data.crop_size, threads=2, bf16=precision == "bf16",
             ema_decay=config.train.ema_decay, grad_clip_norm=config.train.grad_clip_norm,
-        )  # fmt: skip
-        return float(np.mean(seconds[1:])) * steps_per_epoch
+        )[1:]  # fmt: skip
+        return [float(np.sum(seconds[start : start + steps_per_epoch]))
+                for start in range(0, len(seconds), steps_per_epoch)]  # fmt: skip
 
-    plain_before = plain_epoch()
+    plain_before = plain_epochs()
     ray.init(num_cpus=3, include_dashboard=False)
     try:
         outcome = fit(config)
     finally:
         ray.shutdown()
-    plain_after = plain_epoch()
+    plain_after = plain_epochs()
     client = mlflow.MlflowClient(tracking_uri)
 
     def history(key: str) -> list[Any]:
@@ -264,11 +269,12 @@ def main() -> None:
         print(f"platform  Ray Train 2 workers x 1 thread, Ray Data shards: {platform:8.2f} samples/s")
     if epochs is not None:
         (plain_before, plain_after), epoch_walls, steps_per_epoch, val_psnr, overheads, precision = epochs
-        plain_epoch = (plain_before + plain_after) / 2
+        plain_epoch = float(np.median(plain_before + plain_after))
         platform_epoch = float(np.median(epoch_walls))
         print(f"short epochs, the quickstart's experiment ({steps_per_epoch} steps, validation, checkpoint):")
-        print(f"  plain loop, the same {steps_per_epoch} steps ({precision}, as the platform's), before and "
-              f"after the platform's run: {plain_before:.2f} s, {plain_after:.2f} s; mean {plain_epoch:.2f} s")  # fmt: skip
+        print(f"  plain loop, the same {steps_per_epoch} steps ({precision}, as the platform's), before the "
+              f"platform's run: {' '.join(f'{wall:.2f}' for wall in plain_before)} s, after it: "
+              f"{' '.join(f'{wall:.2f}' for wall in plain_after)} s; median {plain_epoch:.2f} s")  # fmt: skip
         print(f"  platform epochs after the first (MLflow timestamps): "
               f"{' '.join(f'{wall:.2f}' for wall in epoch_walls)} s; median {platform_epoch:.2f} s; "
               f"val PSNR {val_psnr:.2f} dB")  # fmt: skip
