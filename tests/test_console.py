@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from hdm_platform import console
-from hdm_platform.console import configure_logging, quiet_ray_options, route_ray_data_logs
+from hdm_platform.console import configure_logging, quiet_ray_options, ray_init_options, route_ray_data_logs
 from hdm_platform.serve.control import deploy_progress
 
 
@@ -76,3 +76,35 @@ def test_serve_up_progress_names_each_application_and_its_running_replicas():
     assert deploy_progress(["hdm", "strict", "later"], applications) == (
         "hdm DEPLOYING (ingress 1/1, dehaze 1/2); strict RUNNING; later NOT_STARTED"
     )
+
+
+def test_a_local_ray_gets_its_cpus_and_a_cluster_at_ray_address_none(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_init_options(local_cpus=3) == {**quiet_ray_options(), "num_cpus": 3}
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert ray_init_options(local_cpus=3) == quiet_ray_options()
+
+
+def test_ray_datas_false_no_cpu_warning_stays_off_the_console_but_in_the_log_file(monkeypatch, tmp_path, restored_logging):
+    import ray.data  # noqa: F401
+
+    monkeypatch.setenv("HDM_HOME", str(tmp_path))
+    monkeypatch.delenv("HDM_VERBOSE", raising=False)
+    monkeypatch.setattr(console, "_log_file", None)
+    log_file = configure_logging("test")
+    route_ray_data_logs()
+    library = logging.getLogger("ray.data")
+    consoles = [h for h in library.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    false_alarm = "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang"
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.makeLogRecord({"name": "ray.data.dataset", "levelno": logging.WARNING, "levelname": "WARNING", "msg": message})
+
+    assert consoles and not any(handler.filter(record(false_alarm)) for handler in consoles)
+    assert all(handler.filter(record("shard s-7 failed to read")) for handler in consoles)  # other warnings show
+    logging.getLogger("ray.data.dataset").warning(false_alarm)
+    assert false_alarm in log_file.read_text()
+
+    monkeypatch.setenv("HDM_VERBOSE", "1")  # -v shows everything
+    route_ray_data_logs()
+    assert all(handler.filter(record(false_alarm)) for handler in consoles)

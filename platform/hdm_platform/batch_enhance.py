@@ -48,7 +48,7 @@ import ray.data
 import torch
 from tqdm import tqdm
 
-from hdm_platform.console import quiet_ray_options, route_ray_data_logs
+from hdm_platform.console import ray_init_options, route_ray_data_logs
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.shard_source import ShardDatasource, arrow_filesystem
 from hdm_platform.data.storage import is_remote, join_uri, list_files, open_filesystem, write_atomic
@@ -141,10 +141,7 @@ def connect_ray() -> None:
     route_ray_data_logs()
     if ray.is_initialized():
         return
-    options = quiet_ray_options()
-    if not os.environ.get("RAY_ADDRESS"):
-        options["num_cpus"] = (os.cpu_count() or 1) + 1
-    ray.init(**options)
+    ray.init(**ray_init_options(local_cpus=(os.cpu_count() or 1) + 1))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from hdm_platform.config import local_home
 
-__all__ = ["VERBOSE_VARIABLE", "configure_logging", "is_verbose", "quiet_ray_options", "route_ray_data_logs"]
+__all__ = [
+    "VERBOSE_VARIABLE",
+    "configure_logging",
+    "is_verbose",
+    "quiet_ray_options",
+    "ray_init_options",
+    "route_ray_data_logs",
+]
 
 VERBOSE_VARIABLE = "HDM_VERBOSE"
 _QUIET_LIBRARIES = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock")
@@ -33,6 +40,16 @@ def quiet_ray_options() -> dict[str, bool | int]:
     """``ray.init`` settings for a driver that shows its own progress: the workers' output
     and Ray's INFO logs reach the console only with ``-v`` (they are in Ray's log files)."""
     return {"log_to_driver": is_verbose(), "logging_level": _console_level()}
+
+
+def ray_init_options(*, local_cpus: int) -> dict[str, bool | int]:
+    """``ray.init`` settings for a command's driver: :func:`quiet_ray_options`, and
+    ``local_cpus`` logical CPUs for a local Ray (none for the cluster at ``RAY_ADDRESS``).
+    Token authentication stays as Ray sets it: on for a new local Ray."""
+    quiet = quiet_ray_options()
+    if os.environ.get("RAY_ADDRESS"):
+        return quiet
+    return {**quiet, "num_cpus": local_cpus}
 
 
 def configure_logging(command: str) -> Path:
@@ -69,15 +86,38 @@ def route_ray_data_logs() -> None:
         info_to_log_file.setFormatter(logging.Formatter(_FORMAT))
         library.addHandler(info_to_log_file)
     _quiet_console_handlers(library)
+    for handler in _console_handlers(library):
+        if is_verbose():
+            handler.removeFilter(_hide_materialize_cpu_warning)
+        else:
+            handler.addFilter(_hide_materialize_cpu_warning)
     # The commands turn Ray Data's progress bars off on purpose (they show their own), and
     # Ray Data warns once that they are off.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if is_verbose() else logging.ERROR)
 
 
+def _hide_materialize_cpu_warning(record: logging.LogRecord) -> bool:
+    """False for Ray Data's "no available CPUs ... the Dataset job will hang" warning.
+
+    ``Dataset.materialize`` executes its result once more to fill its cache, and that checks
+    ``ray.available_resources()`` while the read tasks it has just finished still hold their
+    CPUs: on a local Ray sized for the training workers and one CPU for the input pipeline,
+    ``hdm train`` printed it on every run, and nothing hangs. It stays in the log file.
+    """
+    return "does not have any available CPUs" not in record.getMessage()
+
+
+def _console_handlers(library: logging.Logger) -> list[logging.Handler]:
+    return [
+        handler
+        for handler in library.handlers
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+    ]
+
+
 def _quiet_console_handlers(library: logging.Logger) -> None:
-    for handler in library.handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(_console_level())
+    for handler in _console_handlers(library):
+        handler.setLevel(_console_level())
 
 
 def _console_level() -> int:

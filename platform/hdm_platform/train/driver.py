@@ -43,7 +43,7 @@ from ray.train.torch import TorchTrainer
 
 from hdm_model.losses import VGG_WEIGHTS_HELP
 from hdm_platform.config import ConfigError, ExperimentConfig
-from hdm_platform.console import is_verbose, quiet_ray_options, route_ray_data_logs
+from hdm_platform.console import is_verbose, ray_init_options, route_ray_data_logs
 from hdm_platform.data.manifest import Manifest
 from hdm_platform.data.pipeline import build_dataset
 from hdm_platform.data.storage import open_filesystem
@@ -235,11 +235,8 @@ def local_ray_resources(config: ExperimentConfig) -> dict[str, Any]:
     """
     # Worker output reaches the console through the driver's progress display, and
     # everything with -v.
-    quiet = quiet_ray_options()
-    if os.environ.get("RAY_ADDRESS"):
-        return quiet
     workers = math.ceil(config.scaling.num_workers * config.scaling.cpus_per_worker)
-    return {**quiet, "num_cpus": max(os.cpu_count() or 1, workers + 1)}
+    return ray_init_options(local_cpus=max(os.cpu_count() or 1, workers + 1))
 
 
 def fit(config: ExperimentConfig, *, fault_injection: FaultInjection | None = None) -> TrainingOutcome:

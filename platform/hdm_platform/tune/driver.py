@@ -38,7 +38,7 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from hdm_platform.console import is_verbose, quiet_ray_options
+from hdm_platform.console import is_verbose, ray_init_options
 from hdm_platform.config import ConfigError, ExperimentConfig, apply_overrides, local_home, validate_config
 from hdm_platform.tracking.mlflow_run import TrackedRun
 from hdm_platform.train.driver import CHECKPOINT_SCORE, build_trainer, export_model, preflight, ray_storage
@@ -163,12 +163,9 @@ def local_sweep_resources(experiment: ExperimentConfig) -> dict[str, Any]:
     """
     # The trials' output reaches the console through the sweep's display, and all of it
     # with -v.
-    quiet = quiet_ray_options()
-    if os.environ.get("RAY_ADDRESS"):
-        return quiet
     scaling = experiment.scaling
     one_trial = math.ceil(scaling.num_workers * scaling.cpus_per_worker + TRIAL_DRIVER_CPUS)
-    return {**quiet, "num_cpus": max(os.cpu_count() or 1, one_trial + DATA_PIPELINE_CPUS)}
+    return ray_init_options(local_cpus=max(os.cpu_count() or 1, one_trial + DATA_PIPELINE_CPUS))
 
 
 @dataclass(frozen=True)
