@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-__all__ = ["quantize", "rgb_to_y", "psnr", "ssim", "image_metrics"]
+__all__ = ["quantize", "rgb_to_y", "psnr", "ssim", "ssim_reference", "image_metrics"]
 
 _DATA_RANGE = 255.0
 _Y_WEIGHTS = (65.481, 128.553, 24.966)
@@ -100,6 +100,18 @@ def ssim(pred: Tensor, target: Tensor, *, y_channel: bool = False) -> Tensor:
         (mu_pred * mu_pred + mu_target * mu_target + _SSIM_C1) * (sigma_pred_sq + sigma_target_sq + _SSIM_C2)
     )
     return similarity.mean(dim=(1, 2, 3))
+
+
+def ssim_reference(pred: Tensor, target: Tensor, *, y_channel: bool = False) -> Tensor:
+    """torchmetrics' SSIM averaged over the same valid interior: what :func:`ssim` is tested
+    against and timed against (``bench/metrics.py``)."""
+    pred, target = _prepare(pred, target, y_channel)
+    _, similarity_map = structural_similarity_index_measure(
+        pred, target, gaussian_kernel=True, sigma=_SSIM_SIGMA, data_range=_DATA_RANGE, k1=0.01, k2=0.03,
+        reduction="none", return_full_image=True,
+    )  # fmt: skip
+    border = _SSIM_WINDOW // 2
+    return similarity_map[..., border:-border, border:-border].mean(dim=(1, 2, 3))
 
 
 def _gaussian_window(like: Tensor) -> Tensor:

@@ -12,9 +12,8 @@ import torch
 from PIL import Image
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from torchmetrics.functional.image import structural_similarity_index_measure
 
-from hdm_model.metrics import _prepare, image_metrics, psnr, quantize, rgb_to_y, ssim
+from hdm_model.metrics import image_metrics, psnr, quantize, rgb_to_y, ssim, ssim_reference
 from realworld import REALWORLD
 
 SOTS = REALWORLD / "dehaze" / "SOTS-indoor"
@@ -77,16 +76,6 @@ def test_matches_scikit_image_on_real_sots_pairs():
     assert ((metrics["ssim"] > 0.5) & (metrics["ssim"] < 0.95)).all()
 
 
-def _torchmetrics_ssim(pred: torch.Tensor, target: torch.Tensor, *, y_channel: bool) -> torch.Tensor:
-    """torchmetrics' SSIM map, averaged over the valid interior as ``ssim`` documents."""
-    pred, target = _prepare(pred, target, y_channel)
-    _, similarity_map = structural_similarity_index_measure(
-        pred, target, gaussian_kernel=True, sigma=1.5, data_range=255.0, k1=0.01, k2=0.03,
-        reduction="none", return_full_image=True,
-    )  # fmt: skip
-    return similarity_map[..., 5:-5, 5:-5].mean(dim=(1, 2, 3))
-
-
 @pytest.mark.parametrize("shape", [(4, 3, 96, 96), (2, 3, 37, 53), (1, 3, 11, 300)])
 @pytest.mark.parametrize("y_channel", [False, True])
 def test_ssim_matches_torchmetrics_on_random_batches(shape, y_channel):
@@ -94,7 +83,7 @@ def test_ssim_matches_torchmetrics_on_random_batches(shape, y_channel):
     target = torch.rand(shape, generator=generator)
     pred = target + torch.randn(shape, generator=generator) * torch.linspace(0.01, 0.3, shape[0]).view(-1, 1, 1, 1)
     ours = ssim(pred, target, y_channel=y_channel)
-    torch.testing.assert_close(ours, _torchmetrics_ssim(pred, target, y_channel=y_channel), rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours, ssim_reference(pred, target, y_channel=y_channel), rtol=0, atol=2e-6)
     assert ours.shape == (shape[0],)
     # Validation measures the model's channels_last outputs.
     channels_last = pred.contiguous(memory_format=torch.channels_last)
@@ -107,7 +96,7 @@ def test_ssim_matches_torchmetrics_on_a_real_sots_pair():
     clear = _load(SOTS / "gt" / f"{hazy_path.stem.split('_')[0]}.png")[None]
     for y_channel in (False, True):
         torch.testing.assert_close(
-            ssim(hazy, clear, y_channel=y_channel), _torchmetrics_ssim(hazy, clear, y_channel=y_channel), rtol=0, atol=2e-6
+            ssim(hazy, clear, y_channel=y_channel), ssim_reference(hazy, clear, y_channel=y_channel), rtol=0, atol=2e-6
         )
 
 
