@@ -56,6 +56,11 @@ class HDMConfig:
     ``dcp_mask_mode="published"`` computes the masks exactly as the authors' SOTS test
     script does (``hdm_model.published_masks``), with that script's own constants, so the
     ``dcp_*`` fields must keep their defaults with it.
+    ``inference_tile`` is the tile side inference uses unless told otherwise
+    (:func:`hdm_model.inference.tile_for`), for weights trained on crops far smaller than the
+    photos they enhance: trained on 64-pixel crops, the quickstart's model darkened the middle
+    of whole 740x416 photos, farther from a border than any training pixel was, in an arc
+    (bench/RESULTS.md, session 21). ``None``, the paper's way: whole images.
     """
 
     in_channels: int = 3
@@ -79,6 +84,7 @@ class HDMConfig:
     dcp_top_fraction: float = 0.001
     dcp_guided_radius: int = 60
     dcp_guided_eps: float = 1e-4
+    inference_tile: int | None = None
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep the frozen dataclass hashable and comparable.
@@ -98,6 +104,12 @@ class HDMConfig:
         _require_int("sr_repeats", self.sr_repeats, minimum=1)
         _require_int("dcp_patch_size", self.dcp_patch_size, minimum=1)
         _require_int("dcp_guided_radius", self.dcp_guided_radius, minimum=0)
+        if self.inference_tile is not None:
+            _require_int("inference_tile", self.inference_tile, minimum=FEATURE_STRIDE)
+            if self.inference_tile % FEATURE_STRIDE:
+                raise ValueError(
+                    f"inference_tile must be a multiple of {FEATURE_STRIDE}, got {self.inference_tile}"
+                )
         for name in ("use_attention", "use_structure", "use_region", "share_sr_weights",
                      "normalize_input"):
             if not isinstance(getattr(self, name), bool):

@@ -8,7 +8,8 @@ faster (CUDA GPUs with bfloat16, CPUs with AMX, AMD CPUs with AVX512_BF16) and f
 elsewhere: on Intel AVX-512 CPUs without AMX, oneDNN's bfloat16 convolutions are slower than
 its float32 ones. The tiled path bounds memory on large photos: overlapping tiles are blended
 with linear ramps, and the DCP region masks are computed once on the whole image and cropped
-per tile, so every tile sees the same airlight and the same normalisation range.
+per tile, so every tile sees the same airlight and the same normalisation range. Small tiles
+(a model's own ``inference_tile``, e.g. 64 pixels) go through the network many at a time.
 """
 
 from __future__ import annotations
@@ -93,14 +94,17 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return resolved
 
 
-def tile_for(height: int, width: int, tile: int | None = None) -> int | None:
+def tile_for(height: int, width: int, tile: int | None = None, *, model_tile: int | None = None) -> int | None:
     """The tile side every inference path uses for a ``height x width`` image.
 
-    ``tile=None``: whole up to :data:`UNTILED_MAX_PIXELS`, ``DEFAULT_TILE`` tiles above;
+    ``tile=None``: the model's own ``inference_tile`` (``model_tile``) for images larger than
+    it, else whole up to :data:`UNTILED_MAX_PIXELS` and ``DEFAULT_TILE`` tiles above;
     ``tile=0``: never tiled; any other value is the tile side.
     """
     if tile is not None:
         return tile or None
+    if model_tile is not None:
+        return model_tile if max(height, width) > model_tile else None
     return DEFAULT_TILE if height * width > UNTILED_MAX_PIXELS else None
 
 
@@ -381,18 +385,31 @@ def _enhance_tiled(
     )
     weight = torch.zeros(padded_height, padded_width, device=images.device)
     stride = tile - overlap
-    for top in _tile_starts(padded_height, tile_height, stride):
-        for left in _tile_starts(padded_width, tile_width, stride):
-            rows = slice(top, top + tile_height)
-            cols = slice(left, left + tile_width)
-            tile_masks = None
-            if masks is not None:
-                tile_masks = masks[
+    corners = [
+        (top, left)
+        for top in _tile_starts(padded_height, tile_height, stride)
+        for left in _tile_starts(padded_width, tile_width, stride)
+    ]
+    # Small tiles go through the network together, as many as fill one DEFAULT_TILE tile: one
+    # forward's fixed cost for many tiles, and the peak memory of DEFAULT_TILE tiling.
+    per_forward = max(1, DEFAULT_TILE * DEFAULT_TILE // (images.shape[0] * tile_height * tile_width))
+    for first in range(0, len(corners), per_forward):
+        chunk = corners[first : first + per_forward]
+        crops = torch.cat([padded[..., top : top + tile_height, left : left + tile_width] for top, left in chunk])
+        chunk_masks = None
+        if masks is not None:
+            chunk_masks = torch.cat([
+                masks[
                     ...,
                     top // FEATURE_STRIDE : (top + tile_height) // FEATURE_STRIDE,
                     left // FEATURE_STRIDE : (left + tile_width) // FEATURE_STRIDE,
                 ]
-            out = _forward(model, padded[..., rows, cols], precision=precision, masks=tile_masks, guide=None)
+                for top, left in chunk
+            ])  # fmt: skip
+        outputs = _forward(model, crops, precision=precision, masks=chunk_masks, guide=None)
+        for (top, left), out in zip(chunk, outputs.split(images.shape[0]), strict=True):
+            rows = slice(top, top + tile_height)
+            cols = slice(left, left + tile_width)
             blended[..., rows, cols] += out * window
             weight[rows, cols] += window
     # In place: on a 12-megapixel photo every full-size copy costs 144 MB.

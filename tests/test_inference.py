@@ -229,6 +229,36 @@ def test_a_tile_larger_than_the_image_is_the_untiled_run(network: HDM) -> None:
     assert torch.allclose(enhance(network, image, tile=64), enhance(network, image), atol=1e-6)
 
 
+def test_tile_for_takes_the_callers_tile_then_the_models_then_the_memory_rule() -> None:
+    assert inference.tile_for(100, 120, model_tile=64) == 64
+    assert inference.tile_for(64, 60, model_tile=64) is None  # fits in one tile: whole
+    assert inference.tile_for(100, 120, 0, model_tile=64) is None
+    assert inference.tile_for(100, 120, 32, model_tile=64) == 32
+    assert inference.tile_for(100, 120) is None
+    assert inference.tile_for(1100, 1000) == inference.DEFAULT_TILE
+
+
+def test_small_tiles_run_batched_as_they_would_one_at_a_time(
+    network: HDM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = torch.cat([smooth_photo(150, 190), smooth_photo(150, 190).flip(-1)])
+    forwards: list[int] = []
+    original = inference._forward
+
+    def counting(model: HDM, crops: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        forwards.append(crops.shape[0])
+        return original(model, crops, **kwargs)
+
+    monkeypatch.setattr(inference, "_forward", counting)
+    batched = enhance(network, images, tile=64, tile_overlap=16)
+    assert forwards == [2 * 12]  # 3 x 4 tiles of both images in one forward
+    forwards.clear()
+    monkeypatch.setattr(inference, "DEFAULT_TILE", 64)  # room for one tile per forward
+    one_at_a_time = enhance(network, images, tile=64, tile_overlap=16)
+    assert forwards == [2] * 12
+    assert torch.allclose(batched, one_at_a_time, atol=1e-5)
+
+
 def test_tiles_share_the_whole_image_masks(network: HDM, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, ...]] = []
     original = type(network).region_masks

@@ -213,6 +213,12 @@ def test_config_round_trips_through_a_dict_and_rejects_bad_fields() -> None:
         HDMConfig(input_std=(0.1, 0.2))
     with pytest.raises(ValueError, match="channels"):
         HDMConfig(channels=20)
+    with pytest.raises(ValueError, match="inference_tile must be a multiple of 4"):
+        HDMConfig(inference_tile=30)
+    tiled = HDMConfig(inference_tile=64)
+    assert HDMConfig.from_dict(tiled.to_dict()) == tiled
+    older = {key: value for key, value in config.to_dict().items() if key != "inference_tile"}
+    assert HDMConfig.from_dict(older).inference_tile is None  # checkpoints saved before the field
 
 
 def test_variant_config_names_an_unknown_variant_or_field() -> None:

@@ -46,6 +46,9 @@ def test_tiling_policy_and_refusals(tmp_path):
     tiled = load_enhancer(str(folder), tile=32, tile_overlap=8)(images)
     assert whole.shape == tiled.shape == images.shape
     assert not torch.equal(whole, tiled)  # tiles really ran, blended back to the full size
+    own_tile = save_checkpoint(_tiny(inference_tile=32), tmp_path / "own-tile")
+    assert torch.equal(load_enhancer(str(own_tile), tile_overlap=8)(images), tiled)  # same weights
+    assert torch.equal(load_enhancer(str(own_tile), tile=0)(images), whole)
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
         load_model(str(tmp_path / "missing"))
     external = save_checkpoint(_tiny(mask_source="external"), tmp_path / "external")

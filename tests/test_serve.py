@@ -822,6 +822,24 @@ def test_serve_config_overrides_apply_before_validation():
         read_serve_config(CONFIGS / "local.yaml", ["http_options.port=not-a-port"])
 
 
+def test_a_model_with_its_own_tile_runs_in_it_and_still_batches(tmp_path):
+    from hdm_model import hdm, save_checkpoint
+    from hdm_platform.serve.deployments import load_task_model
+    from hdm_platform.serve.settings import ModelSettings
+
+    torch.manual_seed(0)
+    tiny = hdm(blocks_per_group=1, num_groups=1, channels=8, num_regions=3, inference_tile=32)
+    folder = save_checkpoint(tiny, tmp_path / "own-tile")
+    loaded = load_task_model("dehaze", ModelSettings(model=str(folder), device="cpu", tile_overlap=8))
+    assert loaded.tile_for(64, 80) == 32 and not loaded.runs_alone(64, 80)
+    assert loaded.tile_for(1100, 1000) == 32 and loaded.runs_alone(1100, 1000)  # over 1 MPix
+    images = torch.rand(2, 3, 64, 80)
+    expected = load_enhancer(str(folder), tile=32, tile_overlap=8, precision=loaded.info.precision)(images)
+    assert torch.equal(loaded.run(images), expected)
+    whole = load_task_model("dehaze", ModelSettings(model=str(folder), device="cpu", tile=0))
+    assert whole.tile_for(64, 80) is None
+
+
 def test_a_served_endpoint_works_as_a_model_reference(served_app):
     """``hdm evaluate``/``compare``/``enhance`` accept the endpoint: same pixels as the checkpoint."""
     image = read_image(encode_image(torch.rand(3, 40, 52)))[None]

@@ -147,7 +147,7 @@ def load_enhancer(
             model,
             images.to(device),
             precision=precision,
-            tile=tile_for(*images.shape[-2:], tile),
+            tile=tile_for(*images.shape[-2:], tile, model_tile=model.config.inference_tile),
             tile_overlap=tile_overlap,
         )
 

@@ -119,8 +119,9 @@ def _local_path(uri: str) -> Path:
     "--tile",
     type=click.IntRange(min=0),
     callback=_check_multiple_of_stride,
-    help=f"Tile side (multiple of 4) to bound memory; 0 never tiles. Default: whole images "
-    f"up to {UNTILED_MAX_PIXELS} pixels, {DEFAULT_TILE}-pixel tiles above. Ignored by 'dcp'.",
+    help=f"Tile side (multiple of 4) to bound memory; 0 never tiles. Default: the model's own "
+    f"inference_tile if it has one, else whole images up to {UNTILED_MAX_PIXELS} pixels and "
+    f"{DEFAULT_TILE}-pixel tiles above. Ignored by 'dcp'.",
 )
 @click.option(
     "--tile-overlap",

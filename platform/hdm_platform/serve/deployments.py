@@ -8,7 +8,8 @@ faster), runs one warm-up image, and only then does Serve route requests to it.
 
 Requests are batched with ``@serve.batch``; within a batch, images of the same shape run
 as one tensor batch, and images above 1 MPix run alone in overlapping tiles (bounded
-memory), as ``hdm enhance`` runs them. Each batch runs on the model that was current when
+memory), as ``hdm enhance`` runs them; a model with its own ``inference_tile`` runs in those
+tiles, batched. Each batch runs on the model that was current when
 it started: ``reload`` (``hdm serve reload TASK``) and a new ``user_config`` load the new
 model beside the old one and swap it in, so requests in flight finish on the old weights.
 """
@@ -127,7 +128,13 @@ class LoadedModel:
 
     def tile_for(self, height: int, width: int) -> int | None:
         """The rule every inference path shares (:func:`hdm_model.inference.tile_for`)."""
-        return tile_for(height, width, self.settings.tile)
+        return tile_for(height, width, self.settings.tile, model_tile=self.network.config.inference_tile)
+
+    def runs_alone(self, height: int, width: int) -> bool:
+        """Whether images of this size run one at a time: those tiled to bound memory (above
+        1 MPix, or by the deployment's ``tile``), since tiling bounds one image's memory, not a
+        batch's. A model's own small ``inference_tile`` batches its tiles and needs no such bound."""
+        return tile_for(height, width, self.settings.tile) is not None
 
     def run(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> enhanced, on the CPU."""
@@ -245,8 +252,7 @@ class TaskModel:
             shapes.setdefault(tuple(image.shape), []).append(index)
         results: list[tuple[Tensor, Stage]] = [None] * len(images)  # type: ignore[list-item]
         for shape, indices in shapes.items():
-            # Tiled images run one at a time: tiling bounds one image's memory, not a batch's.
-            groups = [[index] for index in indices] if loaded.tile_for(*shape[-2:]) else [indices]
+            groups = [[index] for index in indices] if loaded.runs_alone(*shape[-2:]) else [indices]
             for group in groups:
                 started = time.perf_counter()
                 batch = torch.stack([images[index] for index in group])

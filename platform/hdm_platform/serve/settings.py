@@ -58,8 +58,8 @@ class ModelSettings(_Settings):
         None,
         ge=0,
         multiple_of=FEATURE_STRIDE,
-        description="Tile side; None: whole images up to 1 MPix and 512-pixel tiles above "
-        "(as hdm enhance); 0: never tile.",
+        description="Tile side; None: the model's own inference_tile if it has one, else whole "
+        "images up to 1 MPix and 512-pixel tiles above (as hdm enhance); 0: never tile.",
     )
     tile_overlap: int = Field(32, ge=0, multiple_of=FEATURE_STRIDE)
     max_batch_size: int = Field(
