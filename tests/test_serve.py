@@ -44,7 +44,8 @@ from hdm_platform.serve.control import (
     wait_until_removed,
     wait_until_running,
 )
-from hdm_platform.serve.settings import ApiKeySettings, ServeAppArgs
+from hdm_platform.serve.deployments import load_task_model
+from hdm_platform.serve.settings import ApiKeySettings, ModelSettings, ServeAppArgs
 from PIL import Image
 from published_reference import random_published_state, reference_forward, save_published_file
 from ray.serve.schema import ServeDeploySchema
@@ -61,7 +62,7 @@ from serving import (
     smooth_png,
 )
 
-from hdm_model import build_hdm, dcp_region_masks, variant_config
+from hdm_model import build_hdm, dcp_region_masks, hdm, save_checkpoint, variant_config
 from hdm_model.published import import_published
 
 # Minutes of Ray, Serve or subprocess start-ups on 2 cores: outside the fast subset.
@@ -823,10 +824,6 @@ def test_serve_config_overrides_apply_before_validation():
 
 
 def test_a_model_with_its_own_tile_runs_in_it_and_still_batches(tmp_path):
-    from hdm_model import hdm, save_checkpoint
-    from hdm_platform.serve.deployments import load_task_model
-    from hdm_platform.serve.settings import ModelSettings
-
     torch.manual_seed(0)
     tiny = hdm(blocks_per_group=1, num_groups=1, channels=8, num_regions=3, inference_tile=32)
     folder = save_checkpoint(tiny, tmp_path / "own-tile")
