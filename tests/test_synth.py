@@ -110,6 +110,22 @@ def test_haze_follows_the_scattering_model_and_uses_depth() -> None:
     assert far_gap > 0.1 and hazy[:, 32:].std() < clean[:, 32:].std()  # contrast lost far away
 
 
+def test_haze_at_a_rooms_far_wall_ranges_from_light_to_dense() -> None:
+    # The same draw on a white and a black scene: their difference is the transmission.
+    white, black = np.ones((2, 2, 3)), np.zeros((2, 2, 3))
+    far_wall = np.full((2, 2), 1.0 / 3.0, dtype=np.float32)  # compose_scene's far wall
+    transmissions = np.array(
+        [
+            add_haze(white, np.random.default_rng(seed), far_wall)[0, 0, 0]
+            - add_haze(black, np.random.default_rng(seed), far_wall)[0, 0, 0]
+            for seed in range(200)
+        ]
+    )
+    # From RESIDE's beta of 0.6 no far wall kept more than 0.74 of its light, and the model took
+    # haze off lightly hazed photos that was not there.
+    assert transmissions.max() > 0.8 and transmissions.min() < 0.45
+
+
 def test_airlight_is_near_grey_with_a_tint_of_its_own_per_pair() -> None:
     # A black scene at great depth shows the airlight itself.
     black, far = np.zeros((4, 4, 3)), np.full((4, 4), 50.0, dtype=np.float32)
