@@ -7,10 +7,9 @@ pairs the same ways:
   ``t = exp(-beta d)``, with ``beta ~ U(0.3, 1.8)`` (RESIDE's U(0.6, 1.8), reaching down to
   lighter haze: ``_BETA``) and an airlight ``A ~ U(0.7, 1.0)`` (RESIDE's range), near grey
   with a tint of its own per pair (each channel scaled by ``1 + N(0, _AIRLIGHT_TINT)``,
-  capped at 1). ``d`` is a real depth map where the source
-  has one (a ``depth/`` folder beside the images, larger = farther, or ``disparity/``,
-  larger = nearer, with the same stems; the built-in motorcycle photo ships with its
-  stereo disparity).
+  capped at 1). ``d`` is a real depth map where the source has one (a ``depth/`` folder
+  beside the images, larger = farther, or ``disparity/``, larger = nearer, with the same
+  stems; the built-in motorcycle photo ships with its stereo disparity).
   Otherwise it is a heuristic: 0.6 x a vertical ramp (far at the top, as in most
   outdoor photos) + 0.4 x the dark channel (15x15 min filter) blurred by a Gaussian of
   sigma = 1/16 of the image (bright,
