@@ -9,6 +9,7 @@ checkpoint, finishes, and registers the EMA model, which reloads from the regist
 from __future__ import annotations
 
 import math
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def test_stop_resume_crash_restart_register_reload(
     storage = f"{bucket}/runs"
     raw = experiment(dataset, storage, mlflow_server)
     steps_per_epoch = preflight(validate_config(raw))
+    local_checkpoints = set(Path(tempfile.gettempdir()).glob("hdm-checkpoint-*"))
     assert steps_per_epoch >= 3
 
     # The first fit also exercises bfloat16 autocast (with the deformable conv kept in fp32).
@@ -152,6 +154,8 @@ def test_stop_resume_crash_restart_register_reload(
     kept = sorted(Path(path).name for path in run_folder if "checkpoint-step" in path)
     assert f"checkpoint-step-{total:08d}" in kept and 1 <= len(kept) <= 2
     assert second.checkpoint_path.endswith(f"checkpoint-step-{total:08d}")
+    # The workers' local checkpoint folders went once uploaded (in the background).
+    assert set(Path(tempfile.gettempdir()).glob("hdm-checkpoint-*")) == local_checkpoints
 
     # Each fit registered its final model; the alias follows the newest.
     assert (first.registered_version, second.registered_version) == ("1", "2")

@@ -394,23 +394,26 @@ class _Trainer:
                 f"step {self.state.step}/{self.stop_step}: val PSNR {metrics['val_psnr']:.2f} dB, "
                 f"SSIM {metrics['val_ssim']:.4f}, {self.throughput.per_second:.1f} samples/s",
             )
-        with tempfile.TemporaryDirectory(prefix="hdm-checkpoint-") as directory:
-            if self.rank == 0:
-                save_training_state(
-                    directory,
-                    model=self.model,
-                    ema=self.ema,
-                    optimizer=self.optimizer,
-                    scheduler=self.scheduler,
-                    state=self.state,
-                    metadata={"task": self.experiment.task, "experiment": self.experiment.name},
-                )
-            save_rng_state(directory, rank=self.rank)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=f"checkpoint-step-{self.state.step:08d}",
+        # Ray Train copies the directory to run.storage_path (and then deletes it) in a
+        # background thread: the next steps do not wait for the upload.
+        directory = tempfile.mkdtemp(prefix="hdm-checkpoint-")
+        if self.rank == 0:
+            save_training_state(
+                directory,
+                model=self.model,
+                ema=self.ema,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state=self.state,
+                metadata={"task": self.experiment.task, "experiment": self.experiment.name},
             )
+        save_rng_state(directory, rank=self.rank)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint-step-{self.state.step:08d}",
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )
         self.overhead_seconds["checkpoint_seconds"] = time.perf_counter() - validated
         if self.tracker is not None:
             self.tracker.log_metrics(self.overhead_seconds, step=self.state.step)
