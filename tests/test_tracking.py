@@ -80,7 +80,7 @@ def test_a_background_handle_logs_in_order_and_flush_waits_for_all_of_it(mlflow_
         missing.flush()
 
 
-def test_registered_model_reloads_without_extra_files_and_aliases_move(mlflow_server, tmp_path):
+def test_registered_model_reloads_without_extra_files_and_aliases_move(mlflow_server, tmp_path, monkeypatch, capfd):
     client = registry_client(mlflow_server)
     versions = []
     models = []
@@ -116,9 +116,12 @@ def test_registered_model_reloads_without_extra_files_and_aliases_move(mlflow_se
     missing = runner.invoke(models_command, ["promote", "dehaze", "9", "--tracking-uri", mlflow_server])
     assert missing.exit_code != 0 and "no version 9" in missing.output
 
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    capfd.readouterr()
     folder, version = download_model_files(
         "models:/hdm-dehaze@champion", tmp_path / "download", tracking_uri=mlflow_server
     )
+    assert "Downloading artifacts" not in capfd.readouterr().err  # no progress bar per file
     assert version.version == "1"
     assert sorted(path.name for path in folder.iterdir()) == sorted(MODEL_FILES)
 

@@ -10,6 +10,7 @@ downloads only the weights and the config, and builds the network with
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import urllib.error
@@ -148,6 +149,9 @@ def download_model_files(
     from mlflow.exceptions import MlflowException
 
     version = resolve_version(registry_client(tracking_uri), uri)
+    # Two small files: MLflow's bar per file would only clutter a command's own progress line
+    # (`hdm explain`, `hdm evaluate`); MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true keeps them.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     for filename in MODEL_FILES:
