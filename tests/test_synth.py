@@ -14,9 +14,11 @@ from PIL import Image
 from hdm_model.metrics import psnr
 from hdm_platform.cli.data import data
 from hdm_platform.data.manifest import Manifest
+from hdm_platform.data import synth
 from hdm_platform.data.synth import (
     BUILTIN_PHOTOS,
     BUILTIN_SCENES,
+    DEGRADATIONS,
     add_haze,
     add_rain,
     builtin_images,
@@ -134,6 +136,31 @@ def test_airlight_is_near_grey_with_a_tint_of_its_own_per_pair() -> None:
     tint = airlights / airlights.mean(axis=1, keepdims=True)
     assert 0.02 < tint.std() < 0.08  # neither always grey nor a coloured light
     assert (np.abs(tint - 1).max(axis=1) > 0.05).mean() > 0.2
+
+
+def test_half_of_the_hazy_images_go_through_a_jpeg_round_trip() -> None:
+    rows, cols = np.mgrid[0:32, 0:32] / 32.0
+    clean = np.stack([rows, cols, 0.5 + 0.3 * np.sin(6.0 * (rows + cols))], axis=2)  # a photo's smoothness
+    depth = np.full((32, 32), 0.3, dtype=np.float32)
+    hazy = [
+        (add_haze(clean, np.random.default_rng(seed), depth), DEGRADATIONS["dehaze"](clean, np.random.default_rng(seed), depth))
+        for seed in range(100)
+    ]  # fmt: skip
+    compressed = [(lossless, stored) for lossless, stored in hazy if not np.array_equal(lossless, stored)]
+    assert 30 <= len(compressed) <= 70
+    for lossless, stored in compressed:
+        error = np.abs(stored - np.clip(lossless, 0.0, 1.0))
+        assert 0.003 < error.mean() < 0.05  # a JPEG's loss: more than 8-bit rounding, far less than haze
+        assert np.array_equal(stored, np.round(stored * 255.0) / 255.0)  # decoded 8-bit pixels
+
+
+def test_a_new_degradation_recipe_renders_the_dataset_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arguments = dict(task="dehaze", count=2, size=(16, 16), progress=False)
+    first = synthesize("builtin", str(tmp_path / "ds"), **arguments)
+    monkeypatch.setattr(synth, "_JPEG_SHARE", 0.25)
+    again = synthesize("builtin", str(tmp_path / "ds"), **arguments)
+    assert not again.unchanged and again.manifest.generation != first.manifest.generation
+    assert again.manifest.fingerprint != first.manifest.fingerprint
 
 
 def test_heuristic_depth_is_far_at_the_top_and_in_bright_colourless_regions() -> None:

@@ -31,6 +31,11 @@ pairs the same ways:
   percentiles). Trained on photos with the heuristic depth, the quickstart's model learned
   "bright and flat = dense haze" and repainted real hazy photos; trained on scenes it dehazes
   them (bench/RESULTS.md, sessions 12 and 13).
+* **JPEG** (dehaze): half of the hazy images (``_JPEG_SHARE``) go through a JPEG round trip
+  at quality U(60, 95) (``_JPEG_QUALITY``), as real hazy photos come from cameras and the
+  web; the clean target stays lossless. Dehazing a dense haze stretches its contrast several
+  times, and a model that only saw lossless inputs stretched the 8x8 blocks of a JPEG's hazy
+  sky into vertical stripes (bench/RESULTS.md, session 24).
 * **rain** (Rain100L/H, Rain200H): 1-3 streak layers added to the image, each a sparse
   random impulse field convolved with a line kernel (motion-blurred noise) of its own
   length (8-30 px at 256 px, scaled with the image), coverage (2-8% of the pixels),
@@ -88,6 +93,7 @@ __all__ = [
     "load_clean_images",
     "heuristic_depth",
     "add_haze",
+    "jpeg_round_trip",
     "add_rain",
     "darken",
     "DEGRADATIONS",
@@ -121,6 +127,9 @@ _AIRLIGHT_TINT = 0.05
 # photos than there was (a grey haze taken off twice leaves a purple rock blue); from 0.3 it
 # scored higher on real SOTS with each of three synthesis seeds (bench/RESULTS.md, session 22).
 _BETA = (0.3, 1.8)
+# The share of hazy images stored as JPEG before they are decoded again, and the quality range.
+_JPEG_SHARE = 0.5
+_JPEG_QUALITY = (60, 95)
 _BATCH = 16
 
 
@@ -327,6 +336,19 @@ def add_haze(clean: np.ndarray, rng: np.random.Generator, depth: np.ndarray | No
     return clean * transmission + airlight * (1.0 - transmission)
 
 
+def jpeg_round_trip(degraded: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``degraded`` (float ``[H, W, 3]``) as a JPEG of quality U(60, 95) decodes it, for a share
+    ``_JPEG_SHARE`` of the draws; otherwise unchanged."""
+    if rng.random() >= _JPEG_SHARE:
+        return degraded
+    pixels = np.round(np.clip(degraded, 0.0, 1.0) * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()
+    quality = int(rng.integers(_JPEG_QUALITY[0], _JPEG_QUALITY[1] + 1))
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert("RGB")).astype(np.float64) / 255.0
+
+
 def _streak_kernel(length: int, angle_degrees: float) -> np.ndarray:
     """An anti-aliased line of ``length`` pixels at ``angle_degrees`` from vertical."""
     size = length | 1
@@ -371,7 +393,7 @@ def darken(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 Degradation = Callable[[np.ndarray, np.random.Generator, np.ndarray | None], np.ndarray]
 
 DEGRADATIONS: dict[str, Degradation] = {
-    "dehaze": add_haze,
+    "dehaze": lambda clean, rng, depth: jpeg_round_trip(add_haze(clean, rng, depth), rng),
     "derain": lambda clean, rng, depth: add_rain(clean, rng),
     "lowlight": lambda clean, rng, depth: darken(clean, rng),
 }
@@ -512,6 +534,8 @@ def synthesize(
         "name": name,
         "source": clean_source,
         "split_by": "photo",
+        # A change of the degradation's parameters renders the dataset again.
+        "recipe": _recipe(task),
     }
     digest = fingerprint("synth", arguments, listing)
     existing = current_manifest(dest, digest, storage_options)
@@ -542,6 +566,12 @@ def synthesize(
             fingerprint=digest,
         )
     return SynthResult(manifest, False, manifest.rows, time.perf_counter() - started)
+
+
+def _recipe(task: str) -> dict[str, Any]:
+    if task != "dehaze":
+        return {}
+    return {"beta": _BETA, "airlight_tint": _AIRLIGHT_TINT, "jpeg_share": _JPEG_SHARE, "jpeg_quality": _JPEG_QUALITY}
 
 
 def _check_arguments(
