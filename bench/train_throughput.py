@@ -233,8 +233,7 @@ def main() -> None:
             crop=args.crop, threads=2,
         )  # fmt: skip
         batch = args.batch
-        baseline_before = plain_loop_step_seconds(images, bf16=False, **common)
-        baseline = median_samples_per_second(baseline_before, batch)
+        baseline = median_samples_per_second(plain_loop_step_seconds(images, bf16=False, **common), batch)
         with_torchvision = median_samples_per_second(
             plain_loop_step_seconds(images, bf16=False, deform="torchvision", **common), batch
         )
@@ -249,7 +248,7 @@ def main() -> None:
             # training run were up to 20% slower for ~15 s (RESULTS.md, session 16).
             epochs = short_epochs(root, args.epochs)
             # 2 logical CPUs for the workers plus 1 for Ray Data's decode tasks, on 2 cores.
-            baseline_before = plain_loop_step_seconds(images, bf16=False, **common)
+            long_run_before = plain_loop_step_seconds(images, bf16=False, **common)
             ray.init(num_cpus=3, include_dashboard=False)
             try:
                 outcome = fit(config)
@@ -258,8 +257,8 @@ def main() -> None:
             platform = outcome.metrics["train_samples_per_second"]
             # The plain loop right before and right after the platform's run, as for the
             # short epochs: the machine's speed drifts by 10-20% over minutes.
-            baseline_after = plain_loop_step_seconds(images, bf16=False, **common)
-            long_run_baseline = batch / float(np.median(baseline_before[1:] + baseline_after[1:]))
+            long_run_after = plain_loop_step_seconds(images, bf16=False, **common)
+            long_run_baseline = batch / float(np.median(long_run_before[1:] + long_run_after[1:]))
 
     print(f"model HDM channels={args.channels} K={args.blocks_per_group}, global batch {args.batch}, "
           f"crop {args.crop}, {args.steps} steps (first not timed)")  # fmt: skip
@@ -275,8 +274,8 @@ def main() -> None:
     if platform is not None:
         print(f"platform  Ray Train 2 workers x 1 thread, Ray Data shards: {platform:8.2f} samples/s"
               f"  (the loop's mean; the plain fp32 loop right before / after it: "
-              f"{median_samples_per_second(baseline_before, batch):.2f} / "
-              f"{median_samples_per_second(baseline_after, batch):.2f} samples/s)")  # fmt: skip
+              f"{median_samples_per_second(long_run_before, batch):.2f} / "
+              f"{median_samples_per_second(long_run_after, batch):.2f} samples/s)")  # fmt: skip
     if epochs is not None:
         (plain_before, plain_after), epoch_walls, steps_per_epoch, val_psnr, overheads, precision = epochs
         plain_epoch = float(np.median(plain_before + plain_after))

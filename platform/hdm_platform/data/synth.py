@@ -345,6 +345,7 @@ def jpeg_round_trip(degraded: np.ndarray, rng: np.random.Generator) -> np.ndarra
     buffer = io.BytesIO()
     quality = int(rng.integers(_JPEG_QUALITY[0], _JPEG_QUALITY[1] + 1))
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    # PIL, not hdm_platform.imageio: its JPEG path imports torchvision into the render threads.
     with Image.open(buffer) as image:
         return np.asarray(image.convert("RGB")).astype(np.float64) / 255.0
 
