@@ -128,6 +128,28 @@ def test_haze_at_a_rooms_far_wall_ranges_from_light_to_dense() -> None:
     assert transmissions.max() > 0.8 and transmissions.min() < 0.45
 
 
+def test_a_share_of_the_hazes_scatters_blue_more_than_red() -> None:
+    # The white-minus-black difference of one draw is the transmission, channel by channel.
+    white, black = np.ones((2, 2, 3)), np.zeros((2, 2, 3))
+    far_wall = np.full((2, 2), 1.0 / 3.0, dtype=np.float32)
+    transmissions = np.stack(
+        [
+            add_haze(white, np.random.default_rng(seed), far_wall)[0, 0]
+            - add_haze(black, np.random.default_rng(seed), far_wall)[0, 0]
+            for seed in range(400)
+        ]
+    )
+    red, green, blue = transmissions.T
+    grey = np.isclose(red, blue)
+    assert np.allclose(red[grey], green[grey])  # aerosol haze: the same for every wavelength
+    bluish = ~grey
+    assert 0.4 * synth._BLUE_HAZE_SHARE < bluish.mean() < 1.6 * synth._BLUE_HAZE_SHARE
+    assert np.all((red[bluish] > green[bluish]) & (green[bluish] > blue[bluish]))
+    # Up to Rayleigh's clear air: the blue channel's optical depth up to 3x the red one's.
+    optical_depth_ratio = np.log(blue[bluish]) / np.log(red[bluish])
+    assert optical_depth_ratio.max() > 2.5 and optical_depth_ratio.min() < 1.2
+
+
 def test_airlight_is_near_grey_with_a_tint_of_its_own_per_pair() -> None:
     # A black scene at great depth shows the airlight itself.
     black, far = np.zeros((4, 4, 3)), np.full((4, 4), 50.0, dtype=np.float32)

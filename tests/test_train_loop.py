@@ -1,10 +1,15 @@
-"""Pieces of the training loop that need no Ray: the validation batches kept between passes."""
+"""Pieces of the training loop that need no Ray: the validation batches kept between passes,
+the folder a checkpoint is staged in."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 
-from hdm_platform.train.loop import ReplayedBatches
+from hdm_platform.train.loop import ReplayedBatches, staged_checkpoint_directory
 
 
 def counted_reader(batches: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -49,3 +54,16 @@ def test_a_pass_left_unfinished_keeps_nothing():
     assert len(list(replayed)) == 3
     assert len(list(replayed)) == 3
     assert len(reads) == 2
+
+
+def test_a_checkpoint_folder_is_kept_when_reported_and_deleted_when_saving_fails():
+    with staged_checkpoint_directory() as reported:
+        Path(reported, "model.safetensors").touch()
+    assert Path(reported, "model.safetensors").is_file()  # Ray Train's now, deleted after its upload
+    shutil.rmtree(reported)
+
+    with pytest.raises(RuntimeError, match="report failed"):
+        with staged_checkpoint_directory() as failed:
+            Path(failed, "model.safetensors").touch()
+            raise RuntimeError("report failed")
+    assert not Path(failed).exists()

@@ -7,9 +7,13 @@ pairs the same ways:
   ``t = exp(-beta d)``, with ``beta ~ U(0.3, 1.8)`` (RESIDE's U(0.6, 1.8), reaching down to
   lighter haze: ``_BETA``) and an airlight ``A ~ U(0.7, 1.0)`` (RESIDE's range), near grey
   with a tint of its own per pair (each channel scaled by ``1 + N(0, _AIRLIGHT_TINT)``,
-  capped at 1). ``d`` is a real depth map where the source has one (a ``depth/`` folder
-  beside the images, larger = farther, or ``disparity/``, larger = nearer, with the same
-  stems; the built-in motorcycle photo ships with its stereo disparity).
+  capped at 1). Half of the hazes (``_BLUE_HAZE_SHARE``) scatter blue more than red, as the
+  air over a long outdoor view does: each channel's ``beta`` is scaled by ``(550 nm /
+  wavelength) ** alpha``, with the Angstrom exponent ``alpha ~ U(0, 4)`` (``_ANGSTROM``: 0 is
+  a grey aerosol haze, 4 Rayleigh's clear air); the other half are grey. ``d`` is a real
+  depth map where the source has one (a ``depth/`` folder beside the images, larger =
+  farther, or ``disparity/``, larger = nearer, with the same stems; the built-in motorcycle
+  photo ships with its stereo disparity).
   Otherwise it is a heuristic: 0.6 x a vertical ramp (far at the top, as in most
   outdoor photos) + 0.4 x the dark channel (15x15 min filter) blurred by a Gaussian of
   sigma = 1/16 of the image (bright,
@@ -127,6 +131,15 @@ _AIRLIGHT_TINT = 0.05
 # photos than there was (a grey haze taken off twice leaves a purple rock blue); from 0.3 it
 # scored higher on real SOTS with each of three synthesis seeds (bench/RESULTS.md, session 22).
 _BETA = (0.3, 1.8)
+# The share of pairs whose haze scatters blue more than red, as air over long outdoor distances
+# does: the scattering coefficient of each channel is scaled by (550 nm / its wavelength) to the
+# power of an Angstrom exponent drawn from _ANGSTROM (0: grey aerosol haze; 4: Rayleigh's clear
+# air). With grey haze only, the quickstart's model took the real canyon's bluish far haze for
+# a grey one over blue rock and painted its red rock blue (bench/RESULTS.md, session 25).
+_BLUE_HAZE_SHARE = 0.5
+_ANGSTROM = (0.0, 4.0)
+_WAVELENGTHS_NM = (610.0, 550.0, 465.0)  # red, green, blue
+_GREEN_NM = 550.0
 # The share of hazy images stored as JPEG before they are decoded again, and the quality range.
 _JPEG_SHARE = 0.5
 _JPEG_QUALITY = (60, 95)
@@ -332,7 +345,9 @@ def add_haze(clean: np.ndarray, rng: np.random.Generator, depth: np.ndarray | No
     depth = heuristic_depth(clean) if depth is None else depth
     beta = rng.uniform(*_BETA)
     airlight = np.minimum(rng.uniform(0.7, 1.0) * (1.0 + rng.normal(0.0, _AIRLIGHT_TINT, 3)), 1.0)
-    transmission = np.exp(-beta * _OPTICAL_DEPTH * depth)[..., None]
+    angstrom = rng.uniform(*_ANGSTROM) if rng.random() < _BLUE_HAZE_SHARE else 0.0
+    per_channel = (_GREEN_NM / np.asarray(_WAVELENGTHS_NM)) ** angstrom
+    transmission = np.exp(-beta * _OPTICAL_DEPTH * depth[..., None] * per_channel)
     return clean * transmission + airlight * (1.0 - transmission)
 
 
@@ -572,7 +587,14 @@ def synthesize(
 def _recipe(task: str) -> dict[str, Any]:
     if task != "dehaze":
         return {}
-    return {"beta": _BETA, "airlight_tint": _AIRLIGHT_TINT, "jpeg_share": _JPEG_SHARE, "jpeg_quality": _JPEG_QUALITY}
+    return {
+        "beta": _BETA,
+        "airlight_tint": _AIRLIGHT_TINT,
+        "blue_haze_share": _BLUE_HAZE_SHARE,
+        "angstrom": _ANGSTROM,
+        "jpeg_share": _JPEG_SHARE,
+        "jpeg_quality": _JPEG_QUALITY,
+    }
 
 
 def _check_arguments(

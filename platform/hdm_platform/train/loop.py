@@ -17,7 +17,9 @@ checkpoint at the same step. Rank 0 logs to the MLflow run the driver opened.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -60,6 +62,7 @@ __all__ = [
     "VALIDATION_CACHE_MAX_BYTES",
     "Throughput",
     "VAL_METRICS",
+    "staged_checkpoint_directory",
     "train_loop_per_worker",
 ]
 
@@ -85,6 +88,19 @@ class Throughput:
     @property
     def per_second(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+@contextlib.contextmanager
+def staged_checkpoint_directory() -> Iterator[str]:
+    """A fresh local folder for one checkpoint. Once reported, it belongs to Ray Train (which
+    deletes it after the upload); if saving or reporting fails, it is deleted here, so a
+    failed report leaves no copy of the model in the temporary folder."""
+    directory = tempfile.mkdtemp(prefix="hdm-checkpoint-")
+    try:
+        yield directory
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 class ReplayedBatches:
@@ -396,24 +412,24 @@ class _Trainer:
             )
         # Ray Train copies the directory to run.storage_path (and then deletes it) in a
         # background thread: the next steps do not wait for the upload.
-        directory = tempfile.mkdtemp(prefix="hdm-checkpoint-")
-        if self.rank == 0:
-            save_training_state(
-                directory,
-                model=self.model,
-                ema=self.ema,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                state=self.state,
-                metadata={"task": self.experiment.task, "experiment": self.experiment.name},
+        with staged_checkpoint_directory() as directory:
+            if self.rank == 0:
+                save_training_state(
+                    directory,
+                    model=self.model,
+                    ema=self.ema,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    state=self.state,
+                    metadata={"task": self.experiment.task, "experiment": self.experiment.name},
+                )
+            save_rng_state(directory, rank=self.rank)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"checkpoint-step-{self.state.step:08d}",
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
             )
-        save_rng_state(directory, rank=self.rank)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint-step-{self.state.step:08d}",
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-        )
         self.overhead_seconds["checkpoint_seconds"] = time.perf_counter() - validated
         if self.tracker is not None:
             self.tracker.log_metrics(self.overhead_seconds, step=self.state.step)
