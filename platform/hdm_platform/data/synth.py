@@ -138,8 +138,7 @@ _BETA = (0.3, 1.8)
 # a grey one over blue rock and painted its red rock blue (bench/RESULTS.md, session 25).
 _BLUE_HAZE_SHARE = 0.5
 _ANGSTROM = (0.0, 4.0)
-_WAVELENGTHS_NM = (610.0, 550.0, 465.0)  # red, green, blue
-_GREEN_NM = 550.0
+_WAVELENGTHS_NM = np.array([610.0, 550.0, 465.0])  # red, green, blue: green's beta is the drawn one
 # The share of hazy images stored as JPEG before they are decoded again, and the quality range.
 _JPEG_SHARE = 0.5
 _JPEG_QUALITY = (60, 95)
@@ -346,7 +345,7 @@ def add_haze(clean: np.ndarray, rng: np.random.Generator, depth: np.ndarray | No
     beta = rng.uniform(*_BETA)
     airlight = np.minimum(rng.uniform(0.7, 1.0) * (1.0 + rng.normal(0.0, _AIRLIGHT_TINT, 3)), 1.0)
     angstrom = rng.uniform(*_ANGSTROM) if rng.random() < _BLUE_HAZE_SHARE else 0.0
-    per_channel = (_GREEN_NM / np.asarray(_WAVELENGTHS_NM)) ** angstrom
+    per_channel = (_WAVELENGTHS_NM[1] / _WAVELENGTHS_NM) ** angstrom
     transmission = np.exp(-beta * _OPTICAL_DEPTH * depth[..., None] * per_channel)
     return clean * transmission + airlight * (1.0 - transmission)
 
