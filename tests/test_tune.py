@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import os
 import re
 import socket
 import subprocess
@@ -110,12 +109,17 @@ def write_inputs(tmp_path: Path, dataset: str, tracking_uri: str) -> tuple[Path,
 
 
 def trial_states(experiment_dir: Path) -> dict[str, str]:
-    """Trial id -> Tune status, from the newest experiment state Tune has saved."""
-    files = sorted(glob.glob(str(experiment_dir / "experiment_state-*.json")), key=os.path.getmtime)
+    """Trial id -> Tune status, from the newest experiment state Tune has saved.
+
+    Newest by name, as Tune's restore picks it: each driver session writes its own file,
+    named by its start time, and a resumed driver re-uploads the earlier sessions' files with
+    its own at every save, so their modification times do not order them.
+    """
+    files = glob.glob(str(experiment_dir / "experiment_state-*.json"))
     if not files:
         return {}
     try:
-        state = json.loads(Path(files[-1]).read_text())
+        state = json.loads(Path(max(files)).read_text())
     except json.JSONDecodeError:  # caught mid-write
         return {}
     trials = [json.loads(trial) for trial, _ in state["trial_data"]]
