@@ -29,6 +29,8 @@ FEATURE_STRIDE = 4
 """The dynamic stages and the region masks live at 1/4 of the input resolution."""
 DEFAULT_TILE = 512
 """Tile side that keeps a 12-megapixel photo well under 3 GiB on CPU (bench/memory.py)."""
+DEFAULT_TILE_OVERLAP = 32
+"""Pixels neighbouring tiles share, blended to hide seams, unless the model or the caller says."""
 UNTILED_MAX_PIXELS = 1024 * 1024
 """By default images up to this many pixels run whole, larger ones in ``DEFAULT_TILE`` tiles."""
 
@@ -61,6 +63,10 @@ class HDMConfig:
     photos they enhance: trained on 64-pixel crops, the quickstart's model darkened the middle
     of whole 740x416 photos, farther from a border than any training pixel was, in an arc
     (bench/RESULTS.md, session 21). ``None``, the paper's way: whole images.
+    ``inference_tile_overlap`` is the overlap of those tiles (default
+    :data:`DEFAULT_TILE_OVERLAP`): the quickstart's model, its output in each 64-pixel tile
+    depending on the tile's content, leaves a checker of the tile stride in a smooth sky at 32
+    pixels of overlap and none at 48 (session 26).
     """
 
     in_channels: int = 3
@@ -85,6 +91,7 @@ class HDMConfig:
     dcp_guided_radius: int = 60
     dcp_guided_eps: float = 1e-4
     inference_tile: int | None = None
+    inference_tile_overlap: int | None = None
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep the frozen dataclass hashable and comparable.
@@ -109,6 +116,18 @@ class HDMConfig:
             if self.inference_tile % FEATURE_STRIDE:
                 raise ValueError(
                     f"inference_tile must be a multiple of {FEATURE_STRIDE}, got {self.inference_tile}"
+                )
+        if self.inference_tile_overlap is not None:
+            # Without an inference_tile it is unused: a run may set the tile to null (whole
+            # images) on a config that names both.
+            _require_int("inference_tile_overlap", self.inference_tile_overlap, minimum=0)
+            below = f" below inference_tile ({self.inference_tile})" if self.inference_tile else ""
+            if self.inference_tile_overlap % FEATURE_STRIDE or (
+                self.inference_tile is not None and self.inference_tile_overlap >= self.inference_tile
+            ):
+                raise ValueError(
+                    f"inference_tile_overlap must be a multiple of {FEATURE_STRIDE}{below}, "
+                    f"got {self.inference_tile_overlap}"
                 )
         for name in ("use_attention", "use_structure", "use_region", "share_sr_weights",
                      "normalize_input"):

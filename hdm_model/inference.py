@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hdm_model.config import DEFAULT_TILE, FEATURE_STRIDE, UNTILED_MAX_PIXELS
+from hdm_model.config import DEFAULT_TILE, DEFAULT_TILE_OVERLAP, FEATURE_STRIDE, UNTILED_MAX_PIXELS, HDMConfig
 from hdm_model.model import HDM, pad_to_multiple
 
 __all__ = [
     "DEFAULT_TILE",
+    "DEFAULT_TILE_OVERLAP",
     "FoldedHead",
     "Precision",
     "enhance",
@@ -34,6 +35,7 @@ __all__ = [
     "cpu_has_fast_bf16",
     "prepare_for_inference",
     "resolve_device",
+    "overlap_for",
     "resolve_precision",
     "tile_for",
 ]
@@ -106,6 +108,14 @@ def tile_for(height: int, width: int, tile: int | None = None, *, model_tile: in
     if model_tile is not None:
         return model_tile if max(height, width) > model_tile else None
     return DEFAULT_TILE if height * width > UNTILED_MAX_PIXELS else None
+
+
+def overlap_for(tile: int, config: HDMConfig) -> int:
+    """The overlap of ``tile``-pixel tiles when the caller names none: the model's own
+    ``inference_tile_overlap`` for its own ``inference_tile``, else :data:`DEFAULT_TILE_OVERLAP`."""
+    if tile == config.inference_tile and config.inference_tile_overlap is not None:
+        return config.inference_tile_overlap
+    return DEFAULT_TILE_OVERLAP
 
 
 class FoldedHead(nn.Sequential):
@@ -300,15 +310,16 @@ def enhance(
     *,
     precision: Precision = "fp32",
     tile: int | None = None,
-    tile_overlap: int = 32,
+    tile_overlap: int | None = None,
     guide: Tensor | None = None,
 ) -> Tensor:
     """Enhance ``images`` ``[B, 3, H, W]`` in [0, 1]; returns float32 in [0, 1] on the model's device.
 
     ``precision`` is "fp32", "bf16" (autocast) or "auto" (``resolve_precision``).
     ``tile`` (a multiple of 4) bounds memory by running ``tile x tile`` crops that overlap by
-    ``tile_overlap`` pixels (a multiple of 4). ``guide`` is the ``[B, 1, H, W]`` map of a
-    model whose ``mask_source`` is "external".
+    ``tile_overlap`` pixels (a multiple of 4; ``None``: the model's ``inference_tile_overlap``
+    when ``tile`` is its ``inference_tile``, else :data:`DEFAULT_TILE_OVERLAP`). ``guide`` is
+    the ``[B, 1, H, W]`` map of a model whose ``mask_source`` is "external".
     """
     if images.dim() != 4 or not images.is_floating_point():
         raise ValueError(
@@ -321,6 +332,8 @@ def enhance(
         guide = guide.to(device=device, dtype=torch.float32)
     if tile is None:
         return _forward(model, images, precision=precision, masks=None, guide=guide)
+    if tile_overlap is None:
+        tile_overlap = overlap_for(tile, model.config)
     _check_tiling(tile, tile_overlap)
     return _enhance_tiled(
         model, images, precision=precision, tile=tile, overlap=tile_overlap, guide=guide

@@ -131,7 +131,8 @@ def test_enhance_reports_bad_checkpoints_and_options(tmp_path):
     assert guided.exit_code == 1 and "external guide map" in guided.output
     bad_tile = runner.invoke(main, ["enhance", str(source), "-o", str(tmp_path / "o"), "--checkpoint", "dcp", "--tile", "30"])
     assert bad_tile.exit_code == 2 and "multiple of 4" in bad_tile.output
-    overlap = runner.invoke(main, ["enhance", str(source), "-o", str(tmp_path / "o"), "--checkpoint", "dcp", "--tile", "32"])
+    overlap = runner.invoke(main, ["enhance", str(source), "-o", str(tmp_path / "o"), "--checkpoint", "dcp", "--tile", "32",
+                                     "--tile-overlap", "32"])
     assert overlap.exit_code == 2 and "must exceed --tile-overlap 32" in overlap.output
     empty = tmp_path / "empty"
     empty.mkdir()

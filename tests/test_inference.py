@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -236,6 +237,19 @@ def test_tile_for_takes_the_callers_tile_then_the_models_then_the_memory_rule() 
     assert inference.tile_for(100, 120, 32, model_tile=64) == 32
     assert inference.tile_for(100, 120) is None
     assert inference.tile_for(1100, 1000) == inference.DEFAULT_TILE
+
+
+def test_the_models_own_overlap_goes_with_its_own_tile(network: HDM) -> None:
+    own = copy.copy(network)
+    own.config = dataclasses.replace(network.config, inference_tile=64, inference_tile_overlap=48)
+    assert inference.overlap_for(64, own.config) == 48
+    assert inference.overlap_for(96, own.config) == inference.DEFAULT_TILE_OVERLAP == 32
+    assert inference.overlap_for(64, network.config) == 32  # no overlap of its own
+    image = smooth_photo(150, 190)
+    by_default = enhance(own, image, tile=64)
+    assert torch.equal(by_default, enhance(own, image, tile=64, tile_overlap=48))
+    assert not torch.equal(by_default, enhance(own, image, tile=64, tile_overlap=32))
+    assert torch.equal(enhance(own, image, tile=96), enhance(own, image, tile=96, tile_overlap=32))
 
 
 def test_small_tiles_run_batched_as_they_would_one_at_a_time(

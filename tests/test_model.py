@@ -215,7 +215,11 @@ def test_config_round_trips_through_a_dict_and_rejects_bad_fields() -> None:
         HDMConfig(channels=20)
     with pytest.raises(ValueError, match="inference_tile must be a multiple of 4"):
         HDMConfig(inference_tile=30)
-    tiled = HDMConfig(inference_tile=64)
+    assert HDMConfig(inference_tile_overlap=16).inference_tile is None  # unused: whole images
+    for overlap in (30, 64):
+        with pytest.raises(ValueError, match="inference_tile_overlap must be a multiple of 4 below"):
+            HDMConfig(inference_tile=64, inference_tile_overlap=overlap)
+    tiled = HDMConfig(inference_tile=64, inference_tile_overlap=48)
     assert HDMConfig.from_dict(tiled.to_dict()) == tiled
     older = {key: value for key, value in config.to_dict().items() if key != "inference_tile"}
     assert HDMConfig.from_dict(older).inference_tile is None  # checkpoints saved before the field

@@ -221,7 +221,7 @@ class EnhancePredictor:
         *,
         precision: str,
         tile: int | None,
-        tile_overlap: int,
+        tile_overlap: int | None,
         threads: int,
         storage_options: dict[str, Any] | None,
     ) -> None:
@@ -577,7 +577,7 @@ def enhance_on_ray(
     overwrite: bool = False,
     precision: str = "auto",
     tile: int | None = None,
-    tile_overlap: int = 32,
+    tile_overlap: int | None = None,
     device: str | None = None,
     max_pixels: int | None = None,
     actors: int | None = None,
@@ -634,7 +634,7 @@ def _absolute(uri: str) -> str:
 
 def _pipeline(
     inputs: ray.data.Dataset, pool: ActorPool, references: Sequence[str], *, destination: str, suffix: str,
-    split: str | None, precision: str, tile: int | None, tile_overlap: int, max_pixels: int | None,
+    split: str | None, precision: str, tile: int | None, tile_overlap: int | None, max_pixels: int | None,
     storage_options: dict[str, Any] | None,
 ) -> ray.data.Dataset:  # fmt: skip
     decoded = inputs

@@ -121,7 +121,7 @@ def load_enhancer(
     device: str | torch.device = "cpu",
     precision: str = "auto",
     tile: int | None = None,
-    tile_overlap: int = 32,
+    tile_overlap: int | None = None,
     tracking_uri: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Enhancer:

@@ -126,10 +126,10 @@ def _local_path(uri: str) -> Path:
 @click.option(
     "--tile-overlap",
     type=click.IntRange(min=0),
-    default=32,
-    show_default=True,
+    default=None,
     callback=_check_multiple_of_stride,
-    help="Pixels shared by neighbouring tiles, blended to hide seams (multiple of 4).",
+    help="Pixels shared by neighbouring tiles, blended to hide seams (multiple of 4). Default: "
+    "the model's own inference_tile_overlap for its own tile, else 32.",
 )
 @click.option(
     "--precision",
@@ -174,7 +174,7 @@ def enhance(
     checkpoints: tuple[str, ...],
     tasks: str | None,
     tile: int | None,
-    tile_overlap: int,
+    tile_overlap: int | None,
     precision: str,
     device: str | None,
     output_format: str,
@@ -193,7 +193,7 @@ def enhance(
     """
     from hdm_platform.data.storage import is_remote
 
-    if tile and tile <= tile_overlap:
+    if tile and tile_overlap is not None and tile <= tile_overlap:
         raise click.BadParameter(
             f"--tile {tile} must exceed --tile-overlap {tile_overlap}", param_hint="--tile"
         )
@@ -210,7 +210,7 @@ def enhance(
 
 
 def _enhance_locally(
-    inputs: tuple[str, ...], output_dir: str, references: list[str], *, tile: int | None, tile_overlap: int,
+    inputs: tuple[str, ...], output_dir: str, references: list[str], *, tile: int | None, tile_overlap: int | None,
     precision: str, device: str | None, output_format: str,
 ) -> None:  # fmt: skip
     """The one-process loop: each file read, enhanced by every model in turn, and written."""

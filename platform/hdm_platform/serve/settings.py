@@ -61,7 +61,13 @@ class ModelSettings(_Settings):
         description="Tile side; None: the model's own inference_tile if it has one, else whole "
         "images up to 1 MPix and 512-pixel tiles above (as hdm enhance); 0: never tile.",
     )
-    tile_overlap: int = Field(32, ge=0, multiple_of=FEATURE_STRIDE)
+    tile_overlap: int | None = Field(
+        None,
+        ge=0,
+        multiple_of=FEATURE_STRIDE,
+        description="Pixels neighbouring tiles share; None: the model's own inference_tile_overlap "
+        "for its own tile, else 32.",
+    )
     max_batch_size: int = Field(
         DEFAULT_MAX_BATCH_SIZE,
         ge=1,
@@ -75,7 +81,7 @@ class ModelSettings(_Settings):
 
     @model_validator(mode="after")
     def _tile_exceeds_overlap(self) -> ModelSettings:
-        if self.tile and self.tile <= self.tile_overlap:
+        if self.tile and self.tile_overlap is not None and self.tile <= self.tile_overlap:
             raise ValueError(f"tile ({self.tile}) must exceed tile_overlap ({self.tile_overlap})")
         return self
 
