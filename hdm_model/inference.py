@@ -33,9 +33,9 @@ __all__ = [
     "enhance",
     "UNTILED_MAX_PIXELS",
     "cpu_has_fast_bf16",
+    "overlap_for",
     "prepare_for_inference",
     "resolve_device",
-    "overlap_for",
     "resolve_precision",
     "tile_for",
 ]
