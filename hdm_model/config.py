@@ -120,14 +120,12 @@ class HDMConfig:
         if self.inference_tile_overlap is not None:
             # Without an inference_tile it is unused: a run may set the tile to null (whole
             # images) on a config that names both.
-            _require_int("inference_tile_overlap", self.inference_tile_overlap, minimum=0)
-            below = f" below inference_tile ({self.inference_tile})" if self.inference_tile else ""
-            if self.inference_tile_overlap % FEATURE_STRIDE or (
-                self.inference_tile is not None and self.inference_tile_overlap >= self.inference_tile
-            ):
+            overlap, tile = self.inference_tile_overlap, self.inference_tile
+            _require_int("inference_tile_overlap", overlap, minimum=0)
+            if overlap % FEATURE_STRIDE or (tile is not None and overlap >= tile):
+                below = f" below inference_tile ({tile})" if tile is not None else ""
                 raise ValueError(
-                    f"inference_tile_overlap must be a multiple of {FEATURE_STRIDE}{below}, "
-                    f"got {self.inference_tile_overlap}"
+                    f"inference_tile_overlap must be a multiple of {FEATURE_STRIDE}{below}, got {overlap}"
                 )
         for name in ("use_attention", "use_structure", "use_region", "share_sr_weights",
                      "normalize_input"):

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hdm_model.config import DCP_MASK_MODES, DEFAULT_TILE, FEATURE_STRIDE, UNTILED_MAX_PIXELS, HDMConfig
+from hdm_model.config import (
+    DCP_MASK_MODES,
+    DEFAULT_TILE,
+    DEFAULT_TILE_OVERLAP,
+    FEATURE_STRIDE,
+    UNTILED_MAX_PIXELS,
+    HDMConfig,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +136,7 @@ def _local_path(uri: str) -> Path:
     default=None,
     callback=_check_multiple_of_stride,
     help="Pixels shared by neighbouring tiles, blended to hide seams (multiple of 4). Default: "
-    "the model's own inference_tile_overlap for its own tile, else 32.",
+    f"the model's own inference_tile_overlap for its own tile, else {DEFAULT_TILE_OVERLAP}.",
 )
 @click.option(
     "--precision",

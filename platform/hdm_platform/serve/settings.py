@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hdm_model.config import FEATURE_STRIDE
+from hdm_model.config import DEFAULT_TILE_OVERLAP, FEATURE_STRIDE
 from hdm_platform.config import ConfigError, validation_message
 from hdm_platform.vocabulary import TASKS, Task, registered_model_name
 
@@ -66,7 +66,7 @@ class ModelSettings(_Settings):
         ge=0,
         multiple_of=FEATURE_STRIDE,
         description="Pixels neighbouring tiles share; None: the model's own inference_tile_overlap "
-        "for its own tile, else 32.",
+        f"for its own tile, else {DEFAULT_TILE_OVERLAP}.",
     )
     max_batch_size: int = Field(
         DEFAULT_MAX_BATCH_SIZE,
